@@ -1,0 +1,138 @@
+/* Mooncake collective engine: public C API.
+ *
+ * Every operation is asynchronous: it returns a request at once and a progress thread owned by
+ * the communicator moves the data. Buffers must stay valid until the request completes. Every
+ * wait is bounded: an operation that does not finish within the communicator's timeout fails
+ * with MC_ERR_TIMEOUT, and a peer that the transport reports as failed fails the operations
+ * that depend on it with MC_ERR_PEER_FAILED. Errors are values; mc_request_error() gives a
+ * message that names the rank, the operation and the cause. */
+#ifndef MOONCAKE_MOONCAKE_H
+#define MOONCAKE_MOONCAKE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MC_VERSION_MAJOR 0
+#define MC_VERSION_MINOR 1
+
+typedef enum {
+  MC_OK = 0,
+  MC_ERR_INVALID,     /* bad argument (null buffer, rank out of range, bad dtype/op) */
+  MC_ERR_NOMEM,
+  MC_ERR_TIMEOUT,     /* operation or wait exceeded its deadline */
+  MC_ERR_PEER_FAILED, /* a peer this operation depends on failed */
+  MC_ERR_REVOKED,     /* communicator is broken/revoked; no further operations */
+  MC_ERR_MISMATCH,    /* ranks called the operation with different sizes/types */
+  MC_ERR_TRANSPORT,   /* the transport failed locally */
+  MC_ERR_UNSUPPORTED, /* dtype x op combination or feature not supported */
+  MC_ERR_INTERNAL,
+} mc_status_t;
+
+typedef enum {
+  MC_FLOAT32 = 0,
+  MC_FLOAT64,
+  MC_FLOAT16,
+  MC_BFLOAT16, /* 16-bit types are reduced with float32 accumulation */
+  MC_INT8,
+  MC_INT16,
+  MC_INT32,
+  MC_INT64,
+  MC_UINT8,
+  MC_BOOL,
+  MC_DTYPE_COUNT
+} mc_dtype_t;
+
+typedef enum {
+  MC_SUM = 0,
+  MC_AVG, /* SUM then divide by the communicator size (integers: truncating division) */
+  MC_PRODUCT,
+  MC_MIN,
+  MC_MAX,
+  MC_REDOP_COUNT
+} mc_redop_t;
+
+#define MC_ANY_SOURCE (-1)
+#define MC_TAG_MAX ((1 << 24) - 1) /* largest user tag for send/recv */
+
+typedef struct mc_comm mc_comm_t;
+typedef struct mc_request mc_request_t;
+
+/* Rendezvous goes through the caller's key-value store (torch's c10d Store in practice).
+ * get() blocks until the key exists or timeout_ms passes; it returns a malloc'd copy of the
+ * value in *val that the engine releases with free(). */
+typedef struct {
+  void *ctx;
+  mc_status_t (*set)(void *ctx, const char *key, const void *val, size_t len);
+  mc_status_t (*get)(void *ctx, const char *key, void **val, size_t *len, int timeout_ms);
+  mc_status_t (*add)(void *ctx, const char *key, int64_t delta, int64_t *out);
+} mc_store_t;
+
+typedef struct {
+  int timeout_ms;        /* deadline of each operation and of setup; <= 0: MC_TIMEOUT_MS */
+  const char *transport; /* NULL: MC_TRANSPORT, else auto (shm on one host, tcp across hosts) */
+  const char *name;      /* shown in log and error messages (e.g. the torch group name) */
+} mc_config_t;
+
+void mc_config_init(mc_config_t *cfg);
+
+/* Collective over all `size` ranks: every rank must call it with the same store. */
+mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int rank, int size,
+                           mc_comm_t **out);
+int mc_comm_rank(const mc_comm_t *comm);
+int mc_comm_size(const mc_comm_t *comm);
+const char *mc_comm_transport(const mc_comm_t *comm); /* provider in use, e.g. "shm" */
+mc_status_t mc_comm_set_timeout(mc_comm_t *comm, int timeout_ms);
+/* Fails every pending and later operation with MC_ERR_REVOKED. Local, returns at once. */
+mc_status_t mc_comm_abort(mc_comm_t *comm);
+/* Aborts what is still pending, stops the progress thread and frees everything. Never waits
+ * on peers. Requests not yet freed stay valid (completed) until mc_request_free. */
+mc_status_t mc_comm_destroy(mc_comm_t *comm);
+
+/* Collectives. in == out is allowed (in place). count may be 0. */
+mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count,
+                         mc_dtype_t dtype, mc_redop_t op, mc_request_t **req);
+/* out holds size * count elements, rank r's block at r * count. in may equal out + rank*count. */
+mc_status_t mc_allgather(mc_comm_t *comm, const void *in, void *out, size_t count,
+                         mc_dtype_t dtype, mc_request_t **req);
+mc_status_t mc_broadcast(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int root,
+                         mc_request_t **req);
+mc_status_t mc_barrier(mc_comm_t *comm, mc_request_t **req);
+
+/* Point to point, matched by (source, tag) in posting order. 0 <= tag <= MC_TAG_MAX.
+ * recv accepts peer == MC_ANY_SOURCE; mc_request_source() then tells who sent. */
+mc_status_t mc_send(mc_comm_t *comm, const void *buf, size_t count, mc_dtype_t dtype, int peer,
+                    int tag, mc_request_t **req);
+mc_status_t mc_recv(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int peer,
+                    int tag, mc_request_t **req);
+
+/* Requests. */
+typedef void (*mc_callback_t)(mc_request_t *req, void *arg);
+/* Runs fn once when the request completes: on the progress thread, or at once on the caller's
+ * thread if it already has. fn must not block on other operations of the same communicator. */
+mc_status_t mc_request_on_complete(mc_request_t *req, mc_callback_t fn, void *arg);
+/* Blocks until completion or timeout_ms (< 0: no extra limit; the operation's own deadline
+ * still applies). Returns the operation's status, or MC_ERR_TIMEOUT if the wait timed out
+ * while the operation goes on. */
+mc_status_t mc_wait(mc_request_t *req, int timeout_ms);
+/* Non-blocking: *done = 1 when complete; returns the status so far (MC_OK while running). */
+mc_status_t mc_test(mc_request_t *req, int *done);
+const char *mc_request_error(const mc_request_t *req); /* "" when the request succeeded */
+int mc_request_source(const mc_request_t *req);         /* sender of a completed recv */
+/* Releases the caller's reference; a running operation keeps going and is freed when done. */
+void mc_request_free(mc_request_t *req);
+
+const char *mc_status_str(mc_status_t s);
+const char *mc_dtype_name(mc_dtype_t t);
+const char *mc_redop_name(mc_redop_t op);
+size_t mc_dtype_size(mc_dtype_t t);
+/* MC_OK if allreduce supports this dtype x op, MC_ERR_UNSUPPORTED otherwise. */
+mc_status_t mc_reduce_supported(mc_dtype_t t, mc_redop_t op);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
