@@ -21,7 +21,7 @@ extern "C" {
 
 typedef enum {
   MC_OK = 0,
-  MC_ERR_INVALID,     /* bad argument (null buffer, rank out of range, bad dtype/op) */
+  MC_ERR_INVALID, /* bad argument (null buffer, rank out of range, bad dtype/op) */
   MC_ERR_NOMEM,
   MC_ERR_TIMEOUT,     /* operation or wait exceeded its deadline */
   MC_ERR_PEER_FAILED, /* a peer this operation depends on failed */
@@ -93,11 +93,11 @@ mc_status_t mc_comm_abort(mc_comm_t *comm);
 mc_status_t mc_comm_destroy(mc_comm_t *comm);
 
 /* Collectives. in == out is allowed (in place). count may be 0. */
-mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count,
-                         mc_dtype_t dtype, mc_redop_t op, mc_request_t **req);
+mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                         mc_redop_t op, mc_request_t **req);
 /* out holds size * count elements, rank r's block at r * count. in may equal out + rank*count. */
-mc_status_t mc_allgather(mc_comm_t *comm, const void *in, void *out, size_t count,
-                         mc_dtype_t dtype, mc_request_t **req);
+mc_status_t mc_allgather(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                         mc_request_t **req);
 mc_status_t mc_broadcast(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int root,
                          mc_request_t **req);
 mc_status_t mc_barrier(mc_comm_t *comm, mc_request_t **req);
@@ -106,8 +106,8 @@ mc_status_t mc_barrier(mc_comm_t *comm, mc_request_t **req);
  * recv accepts peer == MC_ANY_SOURCE; mc_request_source() then tells who sent. */
 mc_status_t mc_send(mc_comm_t *comm, const void *buf, size_t count, mc_dtype_t dtype, int peer,
                     int tag, mc_request_t **req);
-mc_status_t mc_recv(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int peer,
-                    int tag, mc_request_t **req);
+mc_status_t mc_recv(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int peer, int tag,
+                    mc_request_t **req);
 
 /* Requests. */
 typedef void (*mc_callback_t)(mc_request_t *req, void *arg);
@@ -121,9 +121,13 @@ mc_status_t mc_wait(mc_request_t *req, int timeout_ms);
 /* Non-blocking: *done = 1 when complete; returns the status so far (MC_OK while running). */
 mc_status_t mc_test(mc_request_t *req, int *done);
 const char *mc_request_error(const mc_request_t *req); /* "" when the request succeeded */
-int mc_request_source(const mc_request_t *req);         /* sender of a completed recv */
+int mc_request_source(const mc_request_t *req);        /* sender of a completed recv */
 /* Releases the caller's reference; a running operation keeps going and is freed when done. */
 void mc_request_free(mc_request_t *req);
+
+/* Why the last call on this thread that returned an error without a request failed
+ * (mc_comm_create, or an operation rejected before it started). */
+const char *mc_last_error(void);
 
 const char *mc_status_str(mc_status_t s);
 const char *mc_dtype_name(mc_dtype_t t);

@@ -1,0 +1,206 @@
+/* Runs an operation as a sequence of steps. A step is a set of sends and receives posted
+ * together, then an optional local reduction once all of them are done. Algorithms
+ * (algorithms.c) only describe steps; this file posts them, checks what arrives and decides
+ * when the operation is complete. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "reduce.h"
+
+/* signature (remote CQ data): | count:36 | root:15 | mismatch:1 | redop:4 | dtype:4 | kind:4 | */
+#define SIG_MISMATCH (1ULL << 12)
+
+static uint64_t signature_of(const mc_request_t *req) {
+  uint64_t root = req->kind == MC_OP_BROADCAST ? (uint64_t)req->root & 0x7fff : 0;
+  uint64_t redop = req->kind == MC_OP_ALLREDUCE ? (uint64_t)req->redop : 0;
+  return ((uint64_t)req->count & 0xfffffffffULL) << 28 | root << 13 | redop << 8 |
+         (uint64_t)req->dtype << 4 | (uint64_t)req->kind;
+}
+
+static void describe_signature(uint64_t sig, char *out, size_t len) {
+  int kind = sig & 0xf, dtype = (sig >> 4) & 0xf, redop = (sig >> 8) & 0xf;
+  unsigned long long count = sig >> 28;
+  if (kind == MC_OP_ALLREDUCE)
+    snprintf(out, len, "%s of %llu x %s (%s)", mc_op_name(kind), count, mc_dtype_name(dtype),
+             mc_redop_name(redop));
+  else if (kind == MC_OP_BROADCAST)
+    snprintf(out, len, "%s of %llu x %s from root %d", mc_op_name(kind), count,
+             mc_dtype_name(dtype), (int)((sig >> 13) & 0x7fff));
+  else
+    snprintf(out, len, "%s of %llu x %s", mc_op_name(kind), count, mc_dtype_name(dtype));
+}
+
+uint64_t mc_tag(const mc_comm_t *comm, int src, bool p2p, uint32_t payload) {
+  return (uint64_t)comm->epoch << 52 | (comm->id & 0xff) << 44 |
+         ((uint64_t)src & 0xffff) << MC_TAG_SRC_SHIFT | (p2p ? MC_TAG_P2P : 0) |
+         (payload & 0x7ffffff);
+}
+
+void mc_step_add(mc_request_t *req, bool is_send, int peer, void *buf, size_t len) {
+  mc_xfer_t *x = &req->xfers[req->nxfers++];
+  memset(x, 0, sizeof *x);
+  x->req = req;
+  x->is_send = is_send;
+  x->peer = peer;
+  x->buf = buf;
+  x->len = len;
+  x->wire_step = req->step;
+}
+
+static void mismatch(mc_request_t *req, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void mismatch(mc_request_t *req, const char *fmt, ...) {
+  if (req->mismatch)
+    return;
+  req->mismatch = true;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(req->err, sizeof req->err, fmt, ap);
+  va_end(ap);
+}
+
+static uint32_t wire_payload(const mc_request_t *req, const mc_xfer_t *x) {
+  if (req->kind == MC_OP_SEND || req->kind == MC_OP_RECV)
+    return req->seq; /* user tag */
+  return (req->seq & 0xffff) << MC_STEP_BITS | (x->wire_step & ((1 << MC_STEP_BITS) - 1));
+}
+
+/* Posts whatever of the current step is not posted yet. A full queue leaves the rest for the
+ * next pass of the progress loop. */
+static void post_step(mc_request_t *req) {
+  mc_comm_t *comm = req->comm;
+  bool p2p = req->kind == MC_OP_SEND || req->kind == MC_OP_RECV;
+  for (int i = 0; i < req->nxfers; i++) {
+    mc_xfer_t *x = &req->xfers[i];
+    if (x->posted)
+      continue;
+    uint32_t payload = wire_payload(req, x);
+    mc_status_t st;
+    if (x->is_send) {
+      uint64_t data = req->signature | (req->mismatch ? SIG_MISMATCH : 0);
+      st = comm->tops->send(comm->transport, x->peer, x->buf, x->len,
+                            mc_tag(comm, comm->rank, p2p, payload), data, &x->tctx);
+    } else if (x->peer < 0) { /* any source: the sender's rank is in the tag */
+      st = comm->tops->recv(comm->transport, -1, x->buf, x->len, mc_tag(comm, 0, p2p, payload),
+                            MC_TAG_SRC_MASK, &x->tctx);
+    } else {
+      st = comm->tops->recv(comm->transport, x->peer, x->buf, x->len,
+                            mc_tag(comm, x->peer, p2p, payload), 0, &x->tctx);
+    }
+    MC_LOG(MC_LOG_TRACE, comm->rank, "%s #%u step %d: post %s %s %d, %zu bytes -> %s",
+           mc_op_name(req->kind), req->seq, req->step, x->is_send ? "send" : "recv",
+           x->is_send ? "to" : "from", x->peer, x->len, mc_status_str(st));
+    if (st == MC_ERR_TIMEOUT)
+      return; /* queue full: retry later */
+    if (st != MC_OK) {
+      req->failed = true;
+      mc_request_complete(req, st, "rank %d: %s #%u on %s: posting a %s %s peer %d failed",
+                          comm->rank, mc_op_name(req->kind), req->seq, comm->name,
+                          x->is_send ? "send" : "receive", x->is_send ? "to" : "from", x->peer);
+      return;
+    }
+    x->posted = true;
+  }
+}
+
+static void finish(mc_request_t *req) {
+  mc_comm_t *comm = req->comm;
+  if (req->mismatch) {
+    char msg[MC_ERRLEN];
+    memcpy(msg, req->err, sizeof msg);
+    mc_request_complete(req, MC_ERR_MISMATCH, "rank %d: %s #%u on %s: %s", comm->rank,
+                        mc_op_name(req->kind), req->seq, comm->name, msg);
+  } else {
+    mc_request_complete(req, MC_OK, NULL);
+  }
+}
+
+/* Moves to the next step that has transfers, running local-only steps on the way. */
+static void advance(mc_request_t *req) {
+  for (;;) {
+    req->nxfers = 0;
+    req->red_dst = NULL;
+    if (!mc_algo_next_step(req)) {
+      finish(req);
+      return;
+    }
+    if (req->nxfers) {
+      req->npending = req->nxfers;
+      post_step(req);
+      return;
+    }
+    req->step++;
+  }
+}
+
+void mc_sched_start(mc_request_t *req) {
+  req->signature = signature_of(req);
+  req->step = 0;
+  mc_algo_setup(req);
+  if (atomic_load(&req->done))
+    return; /* setup failed */
+  advance(req);
+}
+
+void mc_sched_repost(mc_request_t *req) {
+  if (!atomic_load(&req->done) && req->npending)
+    post_step(req);
+}
+
+static void check_arrival(mc_request_t *req, mc_xfer_t *x, const mc_completion_t *c) {
+  int src = x->peer >= 0 ? x->peer : (int)((c->tag & MC_TAG_SRC_MASK) >> MC_TAG_SRC_SHIFT);
+  if (c->status == MC_ERR_MISMATCH) { /* truncated: the sender had more */
+    mismatch(req, "rank %d sent more than the %zu bytes this rank expected (%s)", src, x->len,
+             c->error ? c->error : "truncated");
+    return;
+  }
+  if (req->kind == MC_OP_RECV) {
+    req->source = src;
+    if (c->len != x->len)
+      mismatch(req, "rank %d sent %zu bytes, this rank expected %zu", src, c->len, x->len);
+    return;
+  }
+  if (c->data & SIG_MISMATCH) {
+    mismatch(req,
+             "rank %d reported that the ranks called this operation with different "
+             "arguments",
+             src);
+  } else if ((c->data & ~SIG_MISMATCH) != req->signature) {
+    char theirs[96], mine[96];
+    describe_signature(c->data & ~SIG_MISMATCH, theirs, sizeof theirs);
+    describe_signature(req->signature, mine, sizeof mine);
+    mismatch(req, "rank %d called %s but this rank called %s", src, theirs, mine);
+  } else if (c->len != x->len) {
+    mismatch(req, "rank %d sent %zu bytes, this rank expected %zu", src, c->len, x->len);
+  }
+}
+
+void mc_sched_xfer_done(mc_xfer_t *x, const mc_completion_t *c) {
+  mc_request_t *req = x->req;
+  mc_comm_t *comm = req->comm;
+  x->done = true;
+  MC_LOG(MC_LOG_TRACE, comm->rank, "%s #%u step %d: %s %s %d done, %zu bytes, %s",
+         mc_op_name(req->kind), req->seq, req->step, x->is_send ? "send" : "recv",
+         x->is_send ? "to" : "from", x->peer, c->len, mc_status_str(c->status));
+  if (atomic_load(&req->done))
+    return; /* already failed; this drains a zombie */
+  if (c->status != MC_OK && c->status != MC_ERR_MISMATCH) {
+    req->failed = true;
+    mc_request_complete(req, c->status == MC_ERR_TRANSPORT ? MC_ERR_PEER_FAILED : c->status,
+                        "rank %d: %s #%u on %s: %s rank %d failed: %s", comm->rank,
+                        mc_op_name(req->kind), req->seq, comm->name,
+                        x->is_send ? "send to" : "receive from", x->peer,
+                        c->error ? c->error : "transport error");
+    return;
+  }
+  if (!x->is_send)
+    check_arrival(req, x, c);
+  if (--req->npending)
+    return;
+  if (req->red_dst && !req->mismatch)
+    mc_reduce_local(req->red_dst, req->red_src, req->red_count, req->dtype, req->redop);
+  req->step++;
+  advance(req);
+}

@@ -1,0 +1,381 @@
+/* Communicators: rendezvous through the caller's store, transport set-up, the progress
+ * thread, and the entry points that validate and queue operations. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "reduce.h"
+
+static _Thread_local char last_error[MC_ERRLEN];
+
+const char *mc_last_error(void) { return last_error; }
+
+static mc_status_t fail(mc_status_t st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static mc_status_t fail(mc_status_t st, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(last_error, sizeof last_error, fmt, ap);
+  va_end(ap);
+  return st;
+}
+
+const char *mc_op_name(mc_op_kind_t kind) {
+  switch (kind) {
+  case MC_OP_ALLREDUCE: return "allreduce";
+  case MC_OP_ALLGATHER: return "allgather";
+  case MC_OP_BROADCAST: return "broadcast";
+  case MC_OP_BARRIER: return "barrier";
+  case MC_OP_SEND: return "send";
+  case MC_OP_RECV: return "recv";
+  case MC_OP_CONNECT: return "connect";
+  }
+  return "op";
+}
+
+void mc_config_init(mc_config_t *cfg) { memset(cfg, 0, sizeof *cfg); }
+
+/* Same host = same kernel boot and same network namespace; exchanged, never guessed. */
+static void host_id(char *out, size_t len) {
+  char boot[64] = "unknown";
+  FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+  if (f) {
+    if (!fgets(boot, sizeof boot, f))
+      strcpy(boot, "unknown");
+    fclose(f);
+    boot[strcspn(boot, "\n")] = 0;
+  }
+  struct stat st;
+  unsigned long netns = stat("/proc/self/ns/net", &st) == 0 ? (unsigned long)st.st_ino : 0;
+  snprintf(out, len, "%s/%lu", boot, netns);
+}
+
+static mc_status_t store_get(mc_comm_t *comm, const mc_store_t *store, const char *key, void **val,
+                             size_t *len) {
+  mc_status_t st = store->get(store->ctx, key, val, len, comm->timeout_ms);
+  if (st != MC_OK)
+    return fail(st,
+                "rank %d: creating communicator %s: store key '%s' not available within %d "
+                "ms (%s): did every rank join?",
+                comm->rank, comm->name, key, comm->timeout_ms, mc_status_str(st));
+  return MC_OK;
+}
+
+static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_store_t *store) {
+  char key[64];
+  void *val = NULL;
+  size_t len = 0;
+  mc_status_t st;
+  if (comm->rank == 0) {
+    uint64_t id = 0;
+    if (getrandom(&id, sizeof id, 0) != sizeof id)
+      id = (uint64_t)getpid() * 2654435761u;
+    if ((st = store->set(store->ctx, "mc/id", &id, sizeof id)) != MC_OK)
+      return fail(st, "rank 0: creating communicator %s: store set failed", comm->name);
+  }
+  if ((st = store_get(comm, store, "mc/id", &val, &len)) != MC_OK)
+    return st;
+  if (len == sizeof comm->id)
+    memcpy(&comm->id, val, len);
+  free(val);
+
+  char host[128];
+  host_id(host, sizeof host);
+  snprintf(key, sizeof key, "mc/host/%d", comm->rank);
+  if ((st = store->set(store->ctx, key, host, strlen(host) + 1)) != MC_OK)
+    return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
+  bool all_local = true;
+  for (int r = 0; r < comm->size; r++) {
+    snprintf(key, sizeof key, "mc/host/%d", r);
+    if ((st = store_get(comm, store, key, &val, &len)) != MC_OK)
+      return st;
+    if (len != strlen(host) + 1 || memcmp(val, host, len))
+      all_local = false;
+    free(val);
+  }
+
+  const char *want = cfg->transport ? cfg->transport : mc_param_str(MC_PARAM_TRANSPORT);
+  mc_transport_params_t tp = {.provider = strcmp(want, "auto") ? want : NULL,
+                              .all_local = all_local,
+                              .comm_id = comm->id,
+                              .rank = comm->rank,
+                              .size = comm->size};
+  comm->tops = &mc_ofi_transport;
+  char err[MC_ERRLEN - 64];
+  if ((st = comm->tops->open(&tp, &comm->transport, err, sizeof err)) != MC_OK)
+    return fail(st, "rank %d: creating communicator %s: %s", comm->rank, comm->name, err);
+  snprintf(comm->provider, sizeof comm->provider, "%s", comm->tops->provider(comm->transport));
+
+  char addr[256];
+  size_t alen = sizeof addr;
+  if ((st = comm->tops->get_address(comm->transport, addr, &alen)) != MC_OK)
+    return fail(st, "rank %d: transport address unavailable", comm->rank);
+  snprintf(key, sizeof key, "mc/addr/%d", comm->rank);
+  if ((st = store->set(store->ctx, key, addr, alen)) != MC_OK)
+    return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
+  void **addrs = calloc(comm->size, sizeof *addrs);
+  size_t *lens = calloc(comm->size, sizeof *lens);
+  st = addrs && lens ? MC_OK : MC_ERR_NOMEM;
+  for (int r = 0; r < comm->size && st == MC_OK; r++) {
+    snprintf(key, sizeof key, "mc/addr/%d", r);
+    st = store_get(comm, store, key, &addrs[r], &lens[r]);
+  }
+  if (st == MC_OK && (st = comm->tops->set_peers(comm->transport, addrs, lens, comm->size)))
+    fail(st, "rank %d: creating communicator %s: could not add peer addresses", comm->rank,
+         comm->name);
+  for (int r = 0; addrs && r < comm->size; r++)
+    free(addrs[r]);
+  free(addrs);
+  free(lens);
+  return st;
+}
+
+static void release_list(mc_request_t *req);
+static mc_status_t submit(mc_comm_t *comm, mc_request_t *r, mc_request_t **out);
+
+/* Connections are made eagerly and only from the higher rank to the lower one: tcp;ofi_rxm
+ * 1.17 can leave both sends pending forever when two ranks connect to each other at once. */
+static mc_status_t connect_all(mc_comm_t *comm) {
+  mc_request_t *req = mc_request_new(comm, MC_OP_CONNECT);
+  if (!req)
+    return fail(MC_ERR_NOMEM, "rank %d: out of memory", comm->rank);
+  req->dtype = MC_UINT8;
+  submit(comm, req, &req);
+  mc_status_t st = mc_wait(req, comm->timeout_ms);
+  if (st != MC_OK)
+    fail(st, "rank %d: creating communicator %s: connecting to the other ranks failed: %s",
+         comm->rank, comm->name, st == MC_ERR_TIMEOUT ? "timed out" : mc_request_error(req));
+  mc_request_free(req);
+  return st;
+}
+
+mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int rank, int size,
+                           mc_comm_t **out) {
+  mc_config_t defaults;
+  if (!cfg)
+    mc_config_init(&defaults), cfg = &defaults;
+  if (!out || !store || !store->set || !store->get)
+    return fail(MC_ERR_INVALID, "mc_comm_create: missing store or output pointer");
+  if (size < 1 || size > MC_MAX_RANKS || rank < 0 || rank >= size)
+    return fail(MC_ERR_INVALID, "mc_comm_create: rank %d / size %d out of range (size 1..%d)", rank,
+                size, MC_MAX_RANKS);
+  mc_comm_t *comm = calloc(1, sizeof *comm);
+  if (!comm)
+    return fail(MC_ERR_NOMEM, "mc_comm_create: out of memory");
+  comm->rank = rank;
+  comm->size = size;
+  comm->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : (int)mc_param_int(MC_PARAM_TIMEOUT_MS);
+  snprintf(comm->name, sizeof comm->name, "%s", cfg->name && *cfg->name ? cfg->name : "comm");
+  pthread_mutex_init(&comm->lock, NULL);
+  mc_status_t st = rendezvous(comm, cfg, store);
+  if (st == MC_OK && (st = mc_progress_start(comm)) != MC_OK)
+    fail(st, "rank %d: could not start the progress thread", rank);
+  if (st == MC_OK && (st = connect_all(comm)) != MC_OK) {
+    mc_progress_stop(comm);
+    release_list(comm->zombies);
+  }
+  if (st != MC_OK) {
+    if (comm->transport)
+      comm->tops->close(comm->transport);
+    pthread_mutex_destroy(&comm->lock);
+    free(comm);
+    return st;
+  }
+  MC_LOG(MC_LOG_INFO, rank, "communicator %s: %d ranks over %s, id %016llx", comm->name, size,
+         comm->provider, (unsigned long long)comm->id);
+  *out = comm;
+  return MC_OK;
+}
+
+int mc_comm_rank(const mc_comm_t *comm) { return comm->rank; }
+int mc_comm_size(const mc_comm_t *comm) { return comm->size; }
+const char *mc_comm_transport(const mc_comm_t *comm) { return comm->provider; }
+
+mc_status_t mc_comm_set_timeout(mc_comm_t *comm, int timeout_ms) {
+  if (!comm || timeout_ms <= 0)
+    return MC_ERR_INVALID;
+  comm->timeout_ms = timeout_ms; /* read when the next operation starts */
+  return MC_OK;
+}
+
+mc_status_t mc_comm_abort(mc_comm_t *comm) {
+  if (!comm)
+    return MC_ERR_INVALID;
+  pthread_mutex_lock(&comm->lock);
+  if (comm->broken == MC_OK) {
+    comm->broken = MC_ERR_REVOKED;
+    snprintf(comm->broken_msg, sizeof comm->broken_msg, "the communicator was aborted");
+  }
+  pthread_mutex_unlock(&comm->lock);
+  mc_progress_kick(comm);
+  return MC_OK;
+}
+
+static void release_list(mc_request_t *req) {
+  while (req) {
+    mc_request_t *next = req->next;
+    mc_request_release(req);
+    req = next;
+  }
+}
+
+mc_status_t mc_comm_destroy(mc_comm_t *comm) {
+  if (!comm)
+    return MC_ERR_INVALID;
+  mc_progress_stop(comm);
+  comm->tops->close(comm->transport); /* transfers still in flight end here */
+  release_list(comm->zombies);
+  release_list(comm->active_head);
+  pthread_mutex_destroy(&comm->lock);
+  free(comm);
+  return MC_OK;
+}
+
+/* ---- operation entry points ---- */
+
+static mc_status_t check_common(mc_comm_t *comm, mc_request_t **req, mc_dtype_t dtype,
+                                const char *op) {
+  if (!comm || !req)
+    return fail(MC_ERR_INVALID, "%s: null communicator or request pointer", op);
+  if ((unsigned)dtype >= MC_DTYPE_COUNT)
+    return fail(MC_ERR_INVALID, "rank %d: %s: unknown dtype %d", comm->rank, op, (int)dtype);
+  return MC_OK;
+}
+
+static mc_status_t check_buffer(mc_comm_t *comm, const void *buf, size_t count, const char *op) {
+  if (count && !buf)
+    return fail(MC_ERR_INVALID, "rank %d: %s: null buffer", comm->rank, op);
+  if (count > ((size_t)1 << 36)) /* the signature carries 36 bits of count */
+    return fail(MC_ERR_INVALID, "rank %d: %s: count %zu too large", comm->rank, op, count);
+  return MC_OK;
+}
+
+/* Queues a request, or completes it at once if the communicator is already broken. */
+static mc_status_t submit(mc_comm_t *comm, mc_request_t *r, mc_request_t **out) {
+  pthread_mutex_lock(&comm->lock);
+  mc_status_t broken = comm->broken;
+  char why[MC_ERRLEN];
+  memcpy(why, comm->broken_msg, sizeof why);
+  if (r->kind != MC_OP_SEND && r->kind != MC_OP_RECV)
+    r->seq = comm->coll_seq++;
+  pthread_mutex_unlock(&comm->lock);
+  r->deadline_ns = mc_now_ns() + (int64_t)comm->timeout_ms * 1000000;
+  *out = r;
+  if (broken != MC_OK) {
+    mc_request_complete(r, MC_ERR_REVOKED, "rank %d: %s on %s refused: %s", comm->rank,
+                        mc_op_name(r->kind), comm->name, why);
+    mc_request_release(r); /* the engine's reference */
+    return MC_OK;
+  }
+  mc_progress_enqueue(comm, r);
+  return MC_OK;
+}
+
+static mc_request_t *new_request(mc_comm_t *comm, mc_op_kind_t kind) {
+  mc_request_t *r = mc_request_new(comm, kind);
+  if (!r)
+    fail(MC_ERR_NOMEM, "rank %d: %s: out of memory", comm->rank, mc_op_name(kind));
+  return r;
+}
+
+mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                         mc_redop_t op, mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, dtype, "allreduce");
+  if (st == MC_OK)
+    st = check_buffer(comm, in, count, "allreduce");
+  if (st == MC_OK)
+    st = check_buffer(comm, out, count, "allreduce");
+  if (st != MC_OK)
+    return st;
+  if ((unsigned)op >= MC_REDOP_COUNT)
+    return fail(MC_ERR_INVALID, "rank %d: allreduce: unknown reduce op %d", comm->rank, (int)op);
+  if (mc_reduce_supported(dtype, op) != MC_OK)
+    return fail(MC_ERR_UNSUPPORTED, "rank %d: allreduce: %s is not supported for %s", comm->rank,
+                mc_redop_name(op), mc_dtype_name(dtype));
+  mc_request_t *r = new_request(comm, MC_OP_ALLREDUCE);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = in, r->out = out, r->count = count, r->dtype = dtype, r->redop = op;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_allgather(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                         mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, dtype, "allgather");
+  if (st == MC_OK)
+    st = check_buffer(comm, in, count, "allgather");
+  if (st == MC_OK)
+    st = check_buffer(comm, out, count, "allgather");
+  if (st != MC_OK)
+    return st;
+  mc_request_t *r = new_request(comm, MC_OP_ALLGATHER);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = in, r->out = out, r->count = count, r->dtype = dtype;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_broadcast(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int root,
+                         mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, dtype, "broadcast");
+  if (st == MC_OK)
+    st = check_buffer(comm, buf, count, "broadcast");
+  if (st != MC_OK)
+    return st;
+  if (root < 0 || root >= comm->size)
+    return fail(MC_ERR_INVALID, "rank %d: broadcast: root %d out of range (size %d)", comm->rank,
+                root, comm->size);
+  mc_request_t *r = new_request(comm, MC_OP_BROADCAST);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = buf, r->out = buf, r->count = count, r->dtype = dtype, r->root = root;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_barrier(mc_comm_t *comm, mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, MC_UINT8, "barrier");
+  if (st != MC_OK)
+    return st;
+  mc_request_t *r = new_request(comm, MC_OP_BARRIER);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->dtype = MC_UINT8;
+  return submit(comm, r, req);
+}
+
+static mc_status_t p2p(mc_comm_t *comm, mc_op_kind_t kind, const void *buf, size_t count,
+                       mc_dtype_t dtype, int peer, int tag, mc_request_t **req) {
+  const char *op = mc_op_name(kind);
+  mc_status_t st = check_common(comm, req, dtype, op);
+  if (st == MC_OK)
+    st = check_buffer(comm, buf, count, op);
+  if (st != MC_OK)
+    return st;
+  bool any_ok = kind == MC_OP_RECV && peer == MC_ANY_SOURCE;
+  if (!any_ok && (peer < 0 || peer >= comm->size))
+    return fail(MC_ERR_INVALID, "rank %d: %s: peer %d out of range (size %d)", comm->rank, op, peer,
+                comm->size);
+  if (tag < 0 || tag > MC_TAG_MAX)
+    return fail(MC_ERR_INVALID, "rank %d: %s: tag %d out of range 0..%d", comm->rank, op, tag,
+                MC_TAG_MAX);
+  mc_request_t *r = new_request(comm, kind);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = buf, r->out = (void *)buf, r->count = count, r->dtype = dtype, r->peer = peer;
+  r->seq = (uint32_t)tag;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_send(mc_comm_t *comm, const void *buf, size_t count, mc_dtype_t dtype, int peer,
+                    int tag, mc_request_t **req) {
+  return p2p(comm, MC_OP_SEND, buf, count, dtype, peer, tag, req);
+}
+
+mc_status_t mc_recv(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int peer, int tag,
+                    mc_request_t **req) {
+  return p2p(comm, MC_OP_RECV, buf, count, dtype, peer, tag, req);
+}

@@ -1,0 +1,138 @@
+/* Engine internals shared by csrc/ and backend/. Not installed. */
+#ifndef MOONCAKE_INTERNAL_H
+#define MOONCAKE_INTERNAL_H
+
+#include "mooncake/mooncake.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "log.h"
+#include "param.h"
+#include "transport.h"
+
+#define MC_MAX_RANKS 65535
+#define MC_MAX_XFERS 40 /* transfers in one step: a binomial broadcast root sends to log2(n) */
+#define MC_ERRLEN 320
+
+typedef enum {
+  MC_OP_ALLREDUCE = 1,
+  MC_OP_ALLGATHER,
+  MC_OP_BROADCAST,
+  MC_OP_BARRIER,
+  MC_OP_SEND,
+  MC_OP_RECV,
+  MC_OP_CONNECT, /* wire-up at creation: each rank greets every lower rank */
+} mc_op_kind_t;
+
+const char *mc_op_name(mc_op_kind_t kind);
+
+/* One posted send or receive of a step. */
+typedef struct mc_xfer {
+  mc_transport_ctx_t tctx; /* transport-private; first so the transport can cast */
+  struct mc_request *req;
+  void *buf;
+  size_t len;
+  int peer;
+  int wire_step; /* step number in the tag: the same on both ends of a message */
+  bool is_send;
+  bool posted;
+  bool done;
+} mc_xfer_t;
+
+/* A request is one operation: its arguments, its algorithm state and its result. The user and
+ * the engine each hold a reference; the last one frees it. */
+struct mc_request {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  int refs;
+  atomic_bool done;
+  mc_status_t status;
+  char err[MC_ERRLEN];
+  int source;
+  mc_callback_t callback;
+  void *callback_arg;
+
+  /* Everything below is owned by the progress thread once the request is queued. */
+  mc_comm_t *comm;
+  struct mc_request *next;
+  mc_op_kind_t kind;
+  uint32_t seq; /* collective sequence number, or p2p tag */
+  const void *in;
+  void *out;
+  size_t count;
+  mc_dtype_t dtype;
+  mc_redop_t redop;
+  int root;
+  int peer;
+  uint64_t signature; /* what every rank must agree on; travels as remote CQ data */
+  int64_t deadline_ns;
+
+  int algo;
+  int step;
+  mc_xfer_t xfers[MC_MAX_XFERS];
+  int nxfers;
+  int npending;
+  /* local reduction run when the step's transfers are done: red_dst op= red_src */
+  void *red_dst;
+  const void *red_src;
+  size_t red_count;
+  void *tmp;
+  bool mismatch; /* ranks disagree; finish the schedule so peers are not stranded, then fail */
+  bool failed;   /* completed with an error while transfers may still be in flight */
+};
+
+struct mc_comm {
+  int rank;
+  int size;
+  char name[64];
+  uint64_t id;
+  uint8_t epoch;
+  int timeout_ms;
+  const mc_transport_ops_t *tops;
+  mc_transport_t *transport;
+  char provider[32];
+
+  pthread_t thread;
+  pthread_mutex_t lock; /* guards incoming, stop, broken, sleeping */
+  mc_request_t *incoming_head, *incoming_tail;
+  int wake_fd; /* eventfd: new work, abort, stop */
+  bool sleeping;
+  bool stop;
+  mc_status_t broken; /* MC_OK while usable */
+  char broken_msg[MC_ERRLEN];
+  uint32_t coll_seq; /* next collective sequence number (user threads, under lock) */
+
+  /* progress thread only */
+  mc_request_t *active_head, *active_tail;
+  mc_request_t *zombies; /* failed requests whose transfers are still in the transport */
+};
+
+/* tag layout: | 0:4 | epoch:8 | comm:8 | source rank:16 | p2p:1 | payload:27 | */
+#define MC_TAG_P2P (1ULL << 27)
+#define MC_STEP_BITS 11
+uint64_t mc_tag(const mc_comm_t *comm, int src, bool p2p, uint32_t payload);
+
+/* requests (request.c) */
+mc_request_t *mc_request_new(mc_comm_t *comm, mc_op_kind_t kind);
+void mc_request_complete(mc_request_t *req, mc_status_t st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void mc_request_release(mc_request_t *req);
+int64_t mc_now_ns(void);
+
+/* progress (progress.c) */
+mc_status_t mc_progress_start(mc_comm_t *comm);
+void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req);
+void mc_progress_stop(mc_comm_t *comm);
+void mc_progress_kick(mc_comm_t *comm);
+
+/* schedules (coll/) */
+void mc_sched_start(mc_request_t *req); /* first step, or completion */
+void mc_sched_xfer_done(mc_xfer_t *x, const mc_completion_t *c);
+void mc_sched_repost(mc_request_t *req);   /* retry posts that got EAGAIN */
+bool mc_algo_next_step(mc_request_t *req); /* fill the next step; false when finished */
+void mc_algo_setup(mc_request_t *req);     /* choose algorithm and scratch space */
+void mc_step_add(mc_request_t *req, bool is_send, int peer, void *buf, size_t len);
+
+#endif

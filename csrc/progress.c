@@ -1,0 +1,250 @@
+/* The progress thread: one per communicator. It owns every transport call, runs the
+ * schedules, enforces deadlines, and sleeps on file descriptors when there is nothing to do. */
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+void mc_progress_kick(mc_comm_t *comm) {
+  uint64_t one = 1;
+  ssize_t n = write(comm->wake_fd, &one, sizeof one);
+  (void)n; /* a full counter already means "wake up" */
+}
+
+void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req) {
+  pthread_mutex_lock(&comm->lock);
+  if (comm->incoming_tail)
+    comm->incoming_tail->next = req;
+  else
+    comm->incoming_head = req;
+  comm->incoming_tail = req;
+  bool wake = comm->sleeping;
+  pthread_mutex_unlock(&comm->lock);
+  if (wake)
+    mc_progress_kick(comm);
+}
+
+static void active_append(mc_comm_t *comm, mc_request_t *req) {
+  req->next = NULL;
+  if (comm->active_tail)
+    comm->active_tail->next = req;
+  else
+    comm->active_head = req;
+  comm->active_tail = req;
+}
+
+/* Start what user threads queued. */
+static bool take_incoming(mc_comm_t *comm) {
+  pthread_mutex_lock(&comm->lock);
+  mc_request_t *list = comm->incoming_head;
+  comm->incoming_head = comm->incoming_tail = NULL;
+  pthread_mutex_unlock(&comm->lock);
+  bool any = list != NULL;
+  while (list) {
+    mc_request_t *req = list;
+    list = list->next;
+    active_append(comm, req);
+    mc_sched_start(req);
+  }
+  return any;
+}
+
+static bool xfers_in_flight(const mc_request_t *req) {
+  for (int i = 0; i < req->nxfers; i++)
+    if (req->xfers[i].posted && !req->xfers[i].done)
+      return true;
+  return false;
+}
+
+/* Drop finished requests from the active list. Failed ones whose transfers the transport
+ * still holds become zombies until those drain (or the transport closes). */
+static void reap(mc_comm_t *comm) {
+  mc_request_t **link = &comm->active_head, *prev = NULL;
+  while (*link) {
+    mc_request_t *req = *link;
+    if (!atomic_load(&req->done)) {
+      prev = req;
+      link = &req->next;
+      continue;
+    }
+    *link = req->next;
+    if (comm->active_tail == req)
+      comm->active_tail = prev;
+    if (xfers_in_flight(req)) {
+      for (int i = 0; i < req->nxfers; i++)
+        if (req->xfers[i].posted && !req->xfers[i].done && !req->xfers[i].is_send)
+          comm->tops->cancel(comm->transport, &req->xfers[i].tctx);
+      req->next = comm->zombies;
+      comm->zombies = req;
+    } else {
+      mc_request_release(req);
+    }
+  }
+  link = &comm->zombies;
+  while (*link) {
+    mc_request_t *req = *link;
+    if (xfers_in_flight(req)) {
+      link = &req->next;
+    } else {
+      *link = req->next;
+      mc_request_release(req);
+    }
+  }
+}
+
+/* Names the peers a request still waits for, e.g. "1, 3". */
+static void waiting_for(const mc_request_t *req, char *out, size_t len) {
+  size_t used = 0;
+  out[0] = 0;
+  for (int i = 0; i < req->nxfers && used + 12 < len; i++) {
+    const mc_xfer_t *x = &req->xfers[i];
+    if (x->done)
+      continue;
+    used += snprintf(out + used, len - used, "%s%s %d", used ? ", " : "",
+                     x->is_send ? "send to" : "recv from", x->peer);
+  }
+  if (!used)
+    snprintf(out, len, "nothing (not started)");
+}
+
+static void fail_all_active(mc_comm_t *comm, mc_status_t st, const char *why) {
+  for (mc_request_t *req = comm->active_head; req; req = req->next)
+    mc_request_complete(req, st, "rank %d: %s #%u on %s failed: %s", comm->rank,
+                        mc_op_name(req->kind), req->seq, comm->name, why);
+}
+
+/* A missed deadline leaves the ranks out of step, so the communicator is broken. */
+static int64_t check_deadlines(mc_comm_t *comm, int64_t now) {
+  int64_t nearest = INT64_MAX;
+  for (mc_request_t *req = comm->active_head; req; req = req->next) {
+    if (atomic_load(&req->done))
+      continue;
+    if (now < req->deadline_ns) {
+      if (req->deadline_ns < nearest)
+        nearest = req->deadline_ns;
+      continue;
+    }
+    char peers[160];
+    waiting_for(req, peers, sizeof peers);
+    pthread_mutex_lock(&comm->lock);
+    if (comm->broken == MC_OK) {
+      comm->broken = MC_ERR_TIMEOUT;
+      snprintf(comm->broken_msg, sizeof comm->broken_msg,
+               "an earlier %s #%u timed out after %d ms waiting for %s", mc_op_name(req->kind),
+               req->seq, comm->timeout_ms, peers);
+    }
+    pthread_mutex_unlock(&comm->lock);
+    mc_request_complete(
+        req, MC_ERR_TIMEOUT, "rank %d: %s #%u on %s timed out after %d ms, still waiting for %s",
+        comm->rank, mc_op_name(req->kind), req->seq, comm->name, comm->timeout_ms, peers);
+  }
+  return nearest;
+}
+
+static bool drain_completions(mc_comm_t *comm) {
+  mc_completion_t comps[32];
+  bool any = false;
+  int n;
+  while ((n = comm->tops->poll(comm->transport, comps, 32)) > 0) {
+    any = true;
+    for (int i = 0; i < n; i++) {
+      mc_xfer_t *x = (mc_xfer_t *)comps[i].ctx;
+      mc_sched_xfer_done(x, &comps[i]);
+    }
+  }
+  return any;
+}
+
+static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
+  int fd = -1, backstop_us = 0;
+  pthread_mutex_lock(&comm->lock);
+  comm->sleeping = true;
+  bool work = comm->incoming_head || comm->stop;
+  pthread_mutex_unlock(&comm->lock);
+  if (!work && comm->tops->prepare_sleep(comm->transport, &fd, &backstop_us)) {
+    struct pollfd fds[2] = {{comm->wake_fd, POLLIN, 0}, {fd, POLLIN, 0}};
+    int timeout_ms = -1;
+    bool pending = comm->active_head != NULL;
+    if (pending && nearest_deadline != INT64_MAX) {
+      int64_t left = (nearest_deadline - mc_now_ns()) / 1000000 + 1;
+      timeout_ms = left < 0 ? 0 : left > 1000000 ? 1000000 : (int)left;
+    }
+    if (pending && backstop_us > 0) {
+      int b = backstop_us / 1000 ? backstop_us / 1000 : 1;
+      if (timeout_ms < 0 || b < timeout_ms)
+        timeout_ms = b;
+    }
+    if (poll(fds, fd >= 0 ? 2 : 1, timeout_ms) > 0 && (fds[0].revents & POLLIN)) {
+      uint64_t v;
+      ssize_t r = read(comm->wake_fd, &v, sizeof v);
+      (void)r;
+    }
+    comm->tops->after_sleep(comm->transport);
+  }
+  pthread_mutex_lock(&comm->lock);
+  comm->sleeping = false;
+  pthread_mutex_unlock(&comm->lock);
+}
+
+static void *progress_main(void *arg) {
+  mc_comm_t *comm = arg;
+  const int64_t spin_ns = mc_param_int(MC_PARAM_SPIN_US) * 1000;
+  int64_t idle_since = mc_now_ns();
+  for (;;) {
+    pthread_mutex_lock(&comm->lock);
+    bool stop = comm->stop;
+    mc_status_t broken = comm->broken;
+    char why[MC_ERRLEN];
+    if (broken != MC_OK)
+      memcpy(why, comm->broken_msg, sizeof why);
+    pthread_mutex_unlock(&comm->lock);
+
+    bool busy = take_incoming(comm);
+    if (broken != MC_OK)
+      fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
+    for (mc_request_t *req = comm->active_head; req; req = req->next)
+      mc_sched_repost(req);
+    busy |= drain_completions(comm);
+    int64_t now = mc_now_ns();
+    int64_t nearest = check_deadlines(comm, now);
+    reap(comm);
+    if (stop)
+      break;
+    if (busy) {
+      idle_since = now;
+    } else if (now - idle_since >= spin_ns) {
+      sleep_until_work(comm, nearest);
+      idle_since = mc_now_ns();
+    }
+  }
+  return NULL;
+}
+
+mc_status_t mc_progress_start(mc_comm_t *comm) {
+  comm->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (comm->wake_fd < 0)
+    return MC_ERR_INTERNAL;
+  if (pthread_create(&comm->thread, NULL, progress_main, comm)) {
+    close(comm->wake_fd);
+    return MC_ERR_INTERNAL;
+  }
+  return MC_OK;
+}
+
+/* Fails what is pending, stops the thread. Zombie transfers die with the transport. */
+void mc_progress_stop(mc_comm_t *comm) {
+  pthread_mutex_lock(&comm->lock);
+  comm->stop = true;
+  if (comm->broken == MC_OK) {
+    comm->broken = MC_ERR_REVOKED;
+    snprintf(comm->broken_msg, sizeof comm->broken_msg, "the communicator was destroyed");
+  }
+  pthread_mutex_unlock(&comm->lock);
+  mc_progress_kick(comm);
+  pthread_join(comm->thread, NULL);
+  close(comm->wake_fd);
+}

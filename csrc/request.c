@@ -1,0 +1,150 @@
+/* Request lifecycle: creation, completion (exactly once), waiting, callbacks, release. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+int64_t mc_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+mc_request_t *mc_request_new(mc_comm_t *comm, mc_op_kind_t kind) {
+  mc_request_t *req = calloc(1, sizeof *req);
+  if (!req)
+    return NULL;
+  pthread_mutex_init(&req->lock, NULL);
+  pthread_condattr_t attr;
+  pthread_condattr_init(&attr);
+  pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+  pthread_cond_init(&req->cond, &attr);
+  pthread_condattr_destroy(&attr);
+  req->refs = 2; /* the caller's and the engine's */
+  req->comm = comm;
+  req->kind = kind;
+  req->source = -1;
+  return req;
+}
+
+void mc_request_release(mc_request_t *req) {
+  pthread_mutex_lock(&req->lock);
+  int left = --req->refs;
+  pthread_mutex_unlock(&req->lock);
+  if (left)
+    return;
+  free(req->tmp);
+  pthread_mutex_destroy(&req->lock);
+  pthread_cond_destroy(&req->cond);
+  free(req);
+}
+
+void mc_request_complete(mc_request_t *req, mc_status_t st, const char *fmt, ...) {
+  pthread_mutex_lock(&req->lock);
+  if (atomic_load(&req->done)) {
+    pthread_mutex_unlock(&req->lock);
+    return;
+  }
+  req->status = st;
+  if (st != MC_OK && fmt) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(req->err, sizeof req->err, fmt, ap);
+    va_end(ap);
+    MC_LOG(MC_LOG_INFO, req->comm ? req->comm->rank : -1, "%s", req->err);
+  }
+  atomic_store(&req->done, true);
+  mc_callback_t cb = req->callback;
+  void *arg = req->callback_arg;
+  pthread_cond_broadcast(&req->cond);
+  pthread_mutex_unlock(&req->lock);
+  if (cb)
+    cb(req, arg);
+}
+
+mc_status_t mc_request_on_complete(mc_request_t *req, mc_callback_t fn, void *arg) {
+  if (!req || !fn)
+    return MC_ERR_INVALID;
+  pthread_mutex_lock(&req->lock);
+  bool run_now = atomic_load(&req->done);
+  if (!run_now) {
+    req->callback = fn;
+    req->callback_arg = arg;
+  }
+  pthread_mutex_unlock(&req->lock);
+  if (run_now)
+    fn(req, arg);
+  return MC_OK;
+}
+
+mc_status_t mc_wait(mc_request_t *req, int timeout_ms) {
+  if (!req)
+    return MC_ERR_INVALID;
+  if (atomic_load(&req->done))
+    return req->status;
+  struct timespec until;
+  clock_gettime(CLOCK_MONOTONIC, &until);
+  if (timeout_ms >= 0) {
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+      until.tv_sec++;
+      until.tv_nsec -= 1000000000L;
+    }
+  }
+  mc_status_t st = MC_OK;
+  pthread_mutex_lock(&req->lock);
+  while (!atomic_load(&req->done)) {
+    if (timeout_ms < 0) {
+      pthread_cond_wait(&req->cond, &req->lock); /* the operation's deadline bounds this */
+    } else if (pthread_cond_timedwait(&req->cond, &req->lock, &until) == ETIMEDOUT &&
+               !atomic_load(&req->done)) {
+      st = MC_ERR_TIMEOUT;
+      break;
+    }
+  }
+  if (st == MC_OK)
+    st = req->status;
+  pthread_mutex_unlock(&req->lock);
+  return st;
+}
+
+mc_status_t mc_test(mc_request_t *req, int *done) {
+  if (!req || !done)
+    return MC_ERR_INVALID;
+  *done = atomic_load(&req->done);
+  return *done ? req->status : MC_OK;
+}
+
+const char *mc_request_error(const mc_request_t *req) {
+  if (!req || !atomic_load(&((mc_request_t *)req)->done))
+    return "";
+  return req->status == MC_OK ? "" : req->err;
+}
+
+int mc_request_source(const mc_request_t *req) { return req ? req->source : -1; }
+
+void mc_request_free(mc_request_t *req) {
+  if (req)
+    mc_request_release(req);
+}
+
+const char *mc_status_str(mc_status_t s) {
+  switch (s) {
+  case MC_OK: return "success";
+  case MC_ERR_INVALID: return "invalid argument";
+  case MC_ERR_NOMEM: return "out of memory";
+  case MC_ERR_TIMEOUT: return "timed out";
+  case MC_ERR_PEER_FAILED: return "peer failed";
+  case MC_ERR_REVOKED: return "communicator revoked";
+  case MC_ERR_MISMATCH: return "ranks disagree on the operation";
+  case MC_ERR_TRANSPORT: return "transport error";
+  case MC_ERR_UNSUPPORTED: return "unsupported";
+  case MC_ERR_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}

@@ -1,0 +1,64 @@
+/* The one interface between the engine and its transports (backend/). The engine calls it from
+ * the communicator's progress thread only. */
+#ifndef MOONCAKE_TRANSPORT_H
+#define MOONCAKE_TRANSPORT_H
+
+#include "mooncake/mooncake.h"
+
+#include <stdbool.h>
+
+typedef struct mc_transport mc_transport_t;
+
+/* Every tag carries the sender's rank at these bits (set by the engine, read by transports
+ * that need to know who sent an any-source message). */
+#define MC_TAG_SRC_SHIFT 28
+#define MC_TAG_SRC_MASK (0xffffULL << MC_TAG_SRC_SHIFT)
+
+/* Space a transport may use inside each posted transfer (e.g. a struct fi_context2). */
+typedef struct {
+  void *opaque[8];
+} mc_transport_ctx_t;
+
+typedef struct {
+  void *ctx; /* the mc_transport_ctx_t passed when posting */
+  mc_status_t status;
+  size_t len;        /* bytes received */
+  uint64_t tag;      /* matched tag (receives) */
+  uint64_t data;     /* remote CQ data (receives) */
+  const char *error; /* transport's words when status != MC_OK */
+} mc_completion_t;
+
+typedef struct {
+  const char *provider; /* NULL: auto */
+  bool all_local;       /* every rank on this host */
+  uint64_t comm_id;
+  int rank;
+  int size;
+} mc_transport_params_t;
+
+typedef struct {
+  const char *name;
+  mc_status_t (*open)(const mc_transport_params_t *p, mc_transport_t **out, char *err,
+                      size_t errlen);
+  const char *(*provider)(mc_transport_t *t);
+  mc_status_t (*get_address)(mc_transport_t *t, void *buf, size_t *len);
+  /* addresses of all ranks, in rank order (own included) */
+  mc_status_t (*set_peers)(mc_transport_t *t, void *const *addrs, const size_t *lens, int n);
+  /* MC_ERR_TIMEOUT here means "try again later" (queue full) */
+  mc_status_t (*send)(mc_transport_t *t, int peer, const void *buf, size_t len, uint64_t tag,
+                      uint64_t data, mc_transport_ctx_t *ctx);
+  /* peer < 0: any source; tag bits set in ignore are wildcards */
+  mc_status_t (*recv)(mc_transport_t *t, int peer, void *buf, size_t len, uint64_t tag,
+                      uint64_t ignore, mc_transport_ctx_t *ctx);
+  int (*poll)(mc_transport_t *t, mc_completion_t *out, int max); /* completions read */
+  void (*cancel)(mc_transport_t *t, mc_transport_ctx_t *ctx);
+  /* Before sleeping: fd to wait on (or -1) and whether sleeping is safe now. backstop_us > 0
+   * asks the caller to wake up that often while work is pending (no reliable fd). */
+  bool (*prepare_sleep)(mc_transport_t *t, int *fd, int *backstop_us);
+  void (*after_sleep)(mc_transport_t *t); /* drain wake-up notifications */
+  void (*close)(mc_transport_t *t);
+} mc_transport_ops_t;
+
+extern const mc_transport_ops_t mc_ofi_transport;
+
+#endif

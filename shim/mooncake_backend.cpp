@@ -1,0 +1,634 @@
+#include "mooncake_backend.hpp"
+
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/ivalue.h>
+#include <c10/util/Exception.h>
+
+#include <Python.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+namespace mooncake {
+namespace {
+
+std::exception_ptr backendError(const std::string &msg) {
+  return std::make_exception_ptr(c10::DistBackendError({__func__, __FILE__, __LINE__}, msg));
+}
+
+int toMs(std::chrono::milliseconds t) {
+  auto ms = t.count();
+  return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
+}
+
+// ---- c10d::Store -> mc_store_t. Runs on whatever thread the engine uses; never takes the GIL
+// (a Python-implemented store takes it by itself). c10 exceptions must not cross into C.
+
+c10d::Store *asStore(void *ctx) { return static_cast<c10d::Store *>(ctx); }
+
+mc_status_t storeStatus(const std::exception &e) {
+  // Stores report an expired wait/get as DistStoreError "... timeout ...".
+  const bool timeout = dynamic_cast<const c10::DistStoreError *>(&e) != nullptr &&
+                       (std::strstr(e.what(), "imeout") || std::strstr(e.what(), "imed out"));
+  return timeout ? MC_ERR_TIMEOUT : MC_ERR_TRANSPORT;
+}
+
+mc_status_t storeSet(void *ctx, const char *key, const void *val, size_t len) {
+  try {
+    const auto *p = static_cast<const uint8_t *>(val);
+    asStore(ctx)->set(key, std::vector<uint8_t>(p, p + len));
+    return MC_OK;
+  } catch (const std::exception &e) {
+    return storeStatus(e);
+  }
+}
+
+mc_status_t storeGet(void *ctx, const char *key, void **val, size_t *len, int timeout_ms) {
+  try {
+    auto *store = asStore(ctx);
+    // wait() bounds the blocking part by the engine's deadline instead of the store's default.
+    if (timeout_ms > 0) {
+      store->wait({key}, std::chrono::milliseconds(timeout_ms));
+    }
+    std::vector<uint8_t> v = store->get(key);
+    void *out = std::malloc(v.empty() ? 1 : v.size()); // engine releases with free()
+    if (out == nullptr) {
+      return MC_ERR_NOMEM;
+    }
+    if (!v.empty()) {
+      std::memcpy(out, v.data(), v.size());
+    }
+    *val = out;
+    *len = v.size();
+    return MC_OK;
+  } catch (const std::exception &e) {
+    return storeStatus(e);
+  }
+}
+
+mc_status_t storeAdd(void *ctx, const char *key, int64_t delta, int64_t *out) {
+  try {
+    int64_t v = asStore(ctx)->add(key, delta);
+    if (out != nullptr) {
+      *out = v;
+    }
+    return MC_OK;
+  } catch (const std::exception &e) {
+    return storeStatus(e);
+  }
+}
+
+// ---- argument checks: all run before anything reaches the engine.
+
+mc_dtype_t toDtype(const at::Tensor &t, const std::string &what) {
+  switch (t.scalar_type()) {
+  case at::kFloat: return MC_FLOAT32;
+  case at::kDouble: return MC_FLOAT64;
+  case at::kHalf: return MC_FLOAT16;
+  case at::kBFloat16: return MC_BFLOAT16;
+  case at::kChar: return MC_INT8;
+  case at::kShort: return MC_INT16;
+  case at::kInt: return MC_INT32;
+  case at::kLong: return MC_INT64;
+  case at::kByte: return MC_UINT8;
+  case at::kBool: return MC_BOOL;
+  default:
+    TORCH_CHECK_TYPE(false, what, ": unsupported dtype ", t.scalar_type(),
+                     " (supported: float32, float64, float16, bfloat16, int8, int16, int32, "
+                     "int64, uint8, bool)");
+  }
+  return MC_DTYPE_COUNT; // unreachable
+}
+
+mc_redop_t toRedop(const c10d::ReduceOp &op, const std::string &what) {
+  switch (op.op_) {
+  case c10d::ReduceOp::SUM: return MC_SUM;
+  case c10d::ReduceOp::AVG: return MC_AVG;
+  case c10d::ReduceOp::PRODUCT: return MC_PRODUCT;
+  case c10d::ReduceOp::MIN: return MC_MIN;
+  case c10d::ReduceOp::MAX: return MC_MAX;
+  default: break;
+  }
+  const char *name = "unknown";
+  switch (op.op_) {
+  case c10d::ReduceOp::BAND: name = "BAND"; break;
+  case c10d::ReduceOp::BOR: name = "BOR"; break;
+  case c10d::ReduceOp::BXOR: name = "BXOR"; break;
+  case c10d::ReduceOp::PREMUL_SUM: name = "PREMUL_SUM"; break;
+  default: break;
+  }
+  TORCH_CHECK_VALUE(false, what, ": unsupported reduce op ", name, " (", static_cast<int>(op.op_),
+                    "); supported: SUM, AVG, PRODUCT, MIN, MAX");
+  return MC_REDOP_COUNT; // unreachable
+}
+
+// A dense CPU tensor the engine can take; returns its dtype.
+mc_dtype_t checkTensor(const at::Tensor &t, const std::string &what) {
+  TORCH_CHECK_VALUE(t.defined(), what, ": undefined tensor");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), what, ": tensor is on device ", t.device(),
+                    "; the mooncake backend only handles CPU tensors");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, what,
+                    ": only dense (strided) tensors are "
+                    "supported, got layout ",
+                    t.layout());
+  return toDtype(t, what);
+}
+
+void checkSingle(const std::vector<at::Tensor> &tensors, const std::string &what) {
+  TORCH_CHECK_VALUE(tensors.size() == 1, what, ": expects exactly one tensor per call, got ",
+                    tensors.size());
+}
+
+size_t count(const at::Tensor &t) { return static_cast<size_t>(t.numel()); }
+
+} // namespace
+
+// Buffers of one op, gathered while its arguments are checked.
+struct MooncakeBackend::Pending {
+  std::vector<at::Tensor> outputs;
+  std::vector<at::Tensor> keepAlive;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copyBack;
+
+  // Contiguous buffer for `t`: t itself, or a temp (filled from t when `in`, copied back into t
+  // on success when `out`). The engine copies nothing on our behalf.
+  at::Tensor buffer(const at::Tensor &t, bool in, bool out) {
+    if (t.is_contiguous()) {
+      keepAlive.push_back(t);
+      return t;
+    }
+    at::Tensor tmp = in ? t.contiguous() : at::empty(t.sizes(), t.options());
+    keepAlive.push_back(tmp);
+    if (out) {
+      copyBack.emplace_back(tmp, t);
+    }
+    return tmp;
+  }
+};
+
+// ---------------------------------------------------------------- Completer
+
+void Completer::start() {
+  // The thread keeps its Completer alive: works (and so the queue) may outlive the backend.
+  thread_ = std::thread([self = shared_from_this()] { self->run(); });
+}
+
+void Completer::push(c10::intrusive_ptr<MooncakeWork> work) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!stopping_) {
+      queue_.push_back(std::move(work));
+      cv_.notify_one();
+      return;
+    }
+  }
+  work->complete(); // after stop(): nobody else will
+}
+
+void Completer::run() {
+  for (;;) {
+    c10::intrusive_ptr<MooncakeWork> work;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) {
+        return;
+      }
+      work = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    work->complete();
+  }
+}
+
+void Completer::stop() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (!thread_.joinable()) {
+    return;
+  }
+  if (thread_.get_id() == std::this_thread::get_id()) {
+    thread_.detach(); // last backend reference dropped by a future callback: can't join self
+  } else {
+    thread_.join();
+  }
+}
+
+// ---------------------------------------------------------------- MooncakeWork
+
+MooncakeWork::MooncakeWork(int rank, c10d::OpType type, const char *title, std::string what,
+                           std::vector<at::Tensor> outputs, std::shared_ptr<Completer> completer)
+    : c10d::Work(rank, type, title), what_(std::move(what)), outputs_(std::move(outputs)),
+      completer_(std::move(completer)), future_(c10::make_intrusive<c10::ivalue::Future>(
+                                            c10::ListType::create(c10::TensorType::get()))) {}
+
+MooncakeWork::~MooncakeWork() {
+  if (req_ != nullptr) {
+    mc_request_free(req_);
+  }
+}
+
+void MooncakeWork::onEngineComplete(mc_request_t * /*req*/, void *arg) {
+  // Runs on the engine's progress thread: hand off and return at once. `arg` carries the
+  // reference taken when the callback was registered.
+  auto work = c10::intrusive_ptr<MooncakeWork>::reclaim(static_cast<MooncakeWork *>(arg));
+  auto completer = work->completer_;
+  completer->push(std::move(work));
+}
+
+void MooncakeWork::complete() {
+  std::call_once(finishOnce_, [this] {
+    int done = 0;
+    mc_status_t st = mc_test(req_, &done);
+    std::exception_ptr err;
+    if (!done) {
+      err = backendError(what_ + ": internal error: completed before the engine finished");
+    } else if (st != MC_OK) {
+      const char *msg = mc_request_error(req_);
+      err = backendError(what_ + " failed: " + (msg != nullptr && *msg ? msg : mc_status_str(st)));
+    } else {
+      try {
+        at::NoGradGuard noGrad; // copy-back into user tensors is not part of any graph
+        for (auto &[src, dst] : copyBack_) {
+          dst.copy_(src);
+        }
+        if (opType_ == c10d::OpType::RECVANYSOURCE) {
+          source_ = mc_request_source(req_);
+        }
+      } catch (const std::exception &e) {
+        err = backendError(what_ + ": copying the result back failed: " + e.what());
+      }
+    }
+    copyBack_.clear();
+    keepAlive_.clear(); // the engine no longer touches the buffers
+    finish(err);
+  });
+  // Separate from the once-block so a blocking user callback can't hold the others in call_once.
+  if (!futureDone_.exchange(true)) {
+    if (exception_) {
+      future_->setError(exception_);
+    } else {
+      future_->markCompleted(c10::IValue(outputs_));
+    }
+  }
+}
+
+bool MooncakeWork::isCompleted() {
+  {
+    std::lock_guard<std::mutex> g(mutex_);
+    if (completed_) {
+      return true;
+    }
+  }
+  int done = 0;
+  mc_test(req_, &done);
+  if (done) {
+    complete();
+  }
+  return done != 0;
+}
+
+bool MooncakeWork::isSuccess() const {
+  const_cast<MooncakeWork *>(this)->isCompleted(); // pick up a failure nobody polled yet
+  return c10d::Work::isSuccess();
+}
+
+std::exception_ptr MooncakeWork::exception() const {
+  const_cast<MooncakeWork *>(this)->isCompleted();
+  return c10d::Work::exception();
+}
+
+int MooncakeWork::sourceRank() const {
+  TORCH_CHECK(opType_ == c10d::OpType::RECVANYSOURCE || opType_ == c10d::OpType::RECV, what_,
+              ": sourceRank() is only defined for recv");
+  TORCH_CHECK(const_cast<MooncakeWork *>(this)->isCompleted(), what_,
+              ": sourceRank() called before the recv completed");
+  return opType_ == c10d::OpType::RECVANYSOURCE ? source_ : mc_request_source(req_);
+}
+
+std::vector<at::Tensor> MooncakeWork::result() { return outputs_; }
+
+bool MooncakeWork::wait(std::chrono::milliseconds timeout) {
+  if (!isCompleted()) {
+    // kNoTimeout (0): bounded by the operation's own deadline (the communicator timeout).
+    mc_wait(req_, timeout == kNoTimeout ? -1 : toMs(timeout));
+    int done = 0;
+    mc_test(req_, &done);
+    if (!done) {
+      C10_THROW_ERROR(DistBackendError, what_ + ": wait timed out after " +
+                                            std::to_string(timeout.count()) +
+                                            " ms (the operation is still in progress)");
+    }
+  }
+  complete(); // no-op if done; else finishes here rather than waiting for the completer
+  // The completion thread may have won the race and be about to mark the future; callers
+  // expect getFuture() to hold the value once wait() returns. (Future::wait does not run
+  // callbacks, so this can't block on user code.)
+  future_->wait();
+  if (exception_) {
+    std::rethrow_exception(exception_);
+  }
+  return true;
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> MooncakeWork::getFuture() { return future_; }
+
+// ---------------------------------------------------------------- MooncakeBackend
+
+MooncakeBackend::MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, int rank, int size,
+                                 std::chrono::milliseconds timeout, const std::string &groupName)
+    : c10d::Backend(rank, size), store_(store), name_(groupName),
+      options_(c10::make_intrusive<Options>(timeout)) {
+  init();
+  options_->group_name = groupName;
+  mcStore_.ctx = store_.get();
+  mcStore_.set = storeSet;
+  mcStore_.get = storeGet;
+  mcStore_.add = storeAdd;
+
+  mc_config_t cfg;
+  mc_config_init(&cfg);
+  cfg.timeout_ms = toMs(timeout);
+  cfg.name = name_.c_str();
+  mc_status_t st = mc_comm_create(&cfg, &mcStore_, rank, size, &comm_);
+  if (st != MC_OK) {
+    const char *why = mc_last_error();
+    C10_THROW_ERROR(DistBackendError, what("init") + " failed: " +
+                                          (why != nullptr && *why ? why : mc_status_str(st)));
+  }
+  completer_ = std::make_shared<Completer>();
+  completer_->start();
+}
+
+MooncakeBackend::~MooncakeBackend() {
+  // The completion thread may be waiting for the GIL (a Python future callback); joining it
+  // while holding the GIL would deadlock.
+  PyThreadState *saved = nullptr;
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    saved = PyEval_SaveThread();
+  }
+  shutdown();
+  if (saved != nullptr) {
+    PyEval_RestoreThread(saved);
+  }
+}
+
+std::string MooncakeBackend::what(const char *op) const {
+  std::string s = "mooncake rank " + std::to_string(rank_) + "/" + std::to_string(size_);
+  if (!name_.empty()) {
+    s += " (group " + name_ + ")";
+  }
+  return s + ": " + op;
+}
+
+void MooncakeBackend::setTimeout(std::chrono::milliseconds timeout) {
+  std::lock_guard<std::mutex> g(commMu_);
+  TORCH_CHECK(comm_ != nullptr, what("setTimeout"), ": backend has been shut down");
+  mc_status_t st = mc_comm_set_timeout(comm_, toMs(timeout));
+  TORCH_CHECK_VALUE(st == MC_OK, what("setTimeout"), ": ", mc_status_str(st));
+  options_->timeout = timeout;
+}
+
+void MooncakeBackend::abort() {
+  std::lock_guard<std::mutex> g(commMu_);
+  if (comm_ != nullptr) {
+    mc_comm_abort(comm_); // local and immediate: pending works fail with MC_ERR_REVOKED
+  }
+}
+
+void MooncakeBackend::shutdown() {
+  mc_comm_t *comm = nullptr;
+  {
+    std::lock_guard<std::mutex> g(commMu_);
+    std::swap(comm, comm_);
+  }
+  if (comm != nullptr) {
+    mc_comm_destroy(comm); // fails what is pending; their callbacks enqueue into completer_
+  }
+  if (completer_) {
+    completer_->stop(); // completes the queued works, then ends the thread
+  }
+}
+
+std::string MooncakeBackend::transport() {
+  std::lock_guard<std::mutex> g(commMu_);
+  TORCH_CHECK(comm_ != nullptr, what("transport"), ": backend has been shut down");
+  const char *t = mc_comm_transport(comm_);
+  return t != nullptr ? t : "";
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::launch(const char *op, c10d::OpType type, Pending &&p,
+                        const std::function<mc_status_t(mc_comm_t *, mc_request_t **)> &issue) {
+  auto work = c10::make_intrusive<MooncakeWork>(rank_, type, nullptr, what(op),
+                                                std::move(p.outputs), completer_);
+  work->keepAlive_ = std::move(p.keepAlive);
+  work->copyBack_ = std::move(p.copyBack);
+
+  std::lock_guard<std::mutex> g(commMu_);
+  if (comm_ == nullptr) {
+    C10_THROW_ERROR(DistBackendError, work->what_ + ": backend has been shut down");
+  }
+  mc_request_t *req = nullptr;
+  mc_status_t st = issue(comm_, &req);
+  if (st != MC_OK || req == nullptr) {
+    std::string why = req != nullptr ? mc_request_error(req) : mc_last_error();
+    if (req != nullptr) {
+      mc_request_free(req);
+    }
+    C10_THROW_ERROR(DistBackendError,
+                    work->what_ + " could not start: " + (why.empty() ? mc_status_str(st) : why));
+  }
+  work->req_ = req;
+  // The callback owns one reference until it runs (possibly right here, if already done).
+  MooncakeWork *ref = c10::intrusive_ptr<MooncakeWork>(work).release();
+  if (mc_request_on_complete(req, &MooncakeWork::onEngineComplete, ref) != MC_OK) {
+    c10::intrusive_ptr<MooncakeWork>::reclaim(ref); // never registered; wait() still works
+  }
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::allreduce(std::vector<at::Tensor> &tensors,
+                                                          const c10d::AllreduceOptions &opts) {
+  const std::string w = what("allreduce");
+  checkSingle(tensors, w);
+  const at::Tensor &t = tensors[0];
+  mc_dtype_t dt = checkTensor(t, w);
+  mc_redop_t op = toRedop(opts.reduceOp, w);
+  TORCH_CHECK_TYPE(mc_reduce_supported(dt, op) == MC_OK, w, ": reduce op ", mc_redop_name(op),
+                   " is not supported for dtype ", t.scalar_type());
+  Pending p;
+  p.outputs = tensors;
+  at::Tensor buf = p.buffer(t, true, true);
+  size_t n = count(buf);
+  void *ptr = buf.data_ptr();
+  return launch(
+      "allreduce", c10d::OpType::ALLREDUCE, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_allreduce(c, ptr, ptr, n, dt, op, r); });
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::allreduce_coalesced(std::vector<at::Tensor> &tensors,
+                                     const c10d::AllreduceCoalescedOptions &opts) {
+  const std::string w = what("allreduce_coalesced");
+  TORCH_CHECK_VALUE(!tensors.empty(), w, ": needs at least one tensor");
+  mc_dtype_t dt = checkTensor(tensors[0], w);
+  for (const auto &t : tensors) {
+    checkTensor(t, w);
+    TORCH_CHECK_TYPE(t.scalar_type() == tensors[0].scalar_type(), w,
+                     ": all tensors must have the same dtype, got ", tensors[0].scalar_type(),
+                     " and ", t.scalar_type());
+  }
+  mc_redop_t op = toRedop(opts.reduceOp, w);
+  TORCH_CHECK_TYPE(mc_reduce_supported(dt, op) == MC_OK, w, ": reduce op ", mc_redop_name(op),
+                   " is not supported for dtype ", tensors[0].scalar_type());
+  // One engine call over a flat copy; each tensor gets its slice back on success.
+  std::vector<at::Tensor> flat;
+  flat.reserve(tensors.size());
+  for (const auto &t : tensors) {
+    flat.push_back(t.reshape({-1}));
+  }
+  Pending p;
+  p.outputs = tensors;
+  at::Tensor buf = at::cat(flat);
+  p.keepAlive.push_back(buf);
+  int64_t off = 0;
+  for (const auto &t : tensors) {
+    p.copyBack.emplace_back(buf.narrow(0, off, t.numel()).view(t.sizes()), t);
+    off += t.numel();
+  }
+  size_t n = count(buf);
+  void *ptr = buf.data_ptr();
+  return launch(
+      "allreduce_coalesced", c10d::OpType::ALLREDUCE_COALESCED, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_allreduce(c, ptr, ptr, n, dt, op, r); });
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::allgather(std::vector<std::vector<at::Tensor>> &outputs,
+                           std::vector<at::Tensor> &inputs,
+                           const c10d::AllgatherOptions & /*opts*/) {
+  const std::string w = what("allgather");
+  checkSingle(inputs, w);
+  TORCH_CHECK_VALUE(outputs.size() == 1, w, ": expects one output list per input, got ",
+                    outputs.size());
+  const at::Tensor &in = inputs[0];
+  mc_dtype_t dt = checkTensor(in, w);
+  auto &outs = outputs[0];
+  TORCH_CHECK_VALUE(outs.size() == static_cast<size_t>(size_), w, ": output list has ", outs.size(),
+                    " tensors, expected one per rank (", size_, ")");
+  for (size_t r = 0; r < outs.size(); ++r) {
+    checkTensor(outs[r], w);
+    TORCH_CHECK_TYPE(outs[r].scalar_type() == in.scalar_type(), w, ": output ", r, " has dtype ",
+                     outs[r].scalar_type(), ", input has ", in.scalar_type());
+    TORCH_CHECK_VALUE(outs[r].numel() == in.numel(), w, ": output ", r, " has ", outs[r].numel(),
+                      " elements, input has ", in.numel());
+  }
+  // The engine gathers into one flat buffer; copy each rank's block into its output tensor.
+  Pending p;
+  p.outputs = outs;
+  at::Tensor src = p.buffer(in, true, false);
+  at::Tensor flat = at::empty({static_cast<int64_t>(size_) * in.numel()}, in.options());
+  p.keepAlive.push_back(flat);
+  for (int r = 0; r < size_; ++r) {
+    p.copyBack.emplace_back(flat.narrow(0, r * in.numel(), in.numel()).view(outs[r].sizes()),
+                            outs[r]);
+  }
+  size_t n = count(in);
+  const void *inPtr = src.data_ptr();
+  void *outPtr = flat.data_ptr();
+  return launch(
+      "allgather", c10d::OpType::ALLGATHER, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_allgather(c, inPtr, outPtr, n, dt, r); });
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::_allgather_base(at::Tensor &output, at::Tensor &input,
+                                 const c10d::AllgatherOptions & /*opts*/) {
+  const std::string w = what("all_gather_into_tensor");
+  mc_dtype_t dt = checkTensor(input, w);
+  checkTensor(output, w);
+  TORCH_CHECK_TYPE(output.scalar_type() == input.scalar_type(), w, ": output dtype ",
+                   output.scalar_type(), " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(output.numel() == input.numel() * size_, w, ": output has ", output.numel(),
+                    " elements, expected world size (", size_, ") x input (", input.numel(), ")");
+  Pending p;
+  p.outputs = {output};
+  at::Tensor src = p.buffer(input, true, false);
+  at::Tensor dst = p.buffer(output, false, true);
+  size_t n = count(input);
+  const void *inPtr = src.data_ptr();
+  void *outPtr = dst.data_ptr();
+  return launch(
+      "all_gather_into_tensor", c10d::OpType::_ALLGATHER_BASE, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_allgather(c, inPtr, outPtr, n, dt, r); });
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::broadcast(std::vector<at::Tensor> &tensors,
+                                                          const c10d::BroadcastOptions &opts) {
+  const std::string w = what("broadcast");
+  checkSingle(tensors, w);
+  TORCH_CHECK_VALUE(opts.rootTensor == 0, w, ": rootTensor must be 0, got ", opts.rootTensor);
+  TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, w, ": root rank ", opts.rootRank,
+                    " is out of range [0, ", size_, ")");
+  const at::Tensor &t = tensors[0];
+  mc_dtype_t dt = checkTensor(t, w);
+  Pending p;
+  p.outputs = tensors;
+  at::Tensor buf = p.buffer(t, rank_ == opts.rootRank, rank_ != opts.rootRank);
+  size_t n = count(buf);
+  void *ptr = buf.data_ptr();
+  int root = static_cast<int>(opts.rootRank);
+  return launch(
+      "broadcast", c10d::OpType::BROADCAST, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_broadcast(c, ptr, n, dt, root, r); });
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::barrier(const c10d::BarrierOptions & /*opts*/) {
+  return launch("barrier", c10d::OpType::BARRIER, Pending{},
+                [](mc_comm_t *c, mc_request_t **r) { return mc_barrier(c, r); });
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::pointToPoint(const char *op, c10d::OpType type,
+                                                             std::vector<at::Tensor> &tensors,
+                                                             int peer, int tag) {
+  const std::string w = what(op);
+  checkSingle(tensors, w);
+  const at::Tensor &t = tensors[0];
+  mc_dtype_t dt = checkTensor(t, w);
+  TORCH_CHECK_VALUE(tag >= 0 && tag <= MC_TAG_MAX, w, ": tag ", tag, " is out of range [0, ",
+                    MC_TAG_MAX, "]");
+  TORCH_CHECK_VALUE(peer == MC_ANY_SOURCE || (peer >= 0 && peer < size_), w, ": peer rank ", peer,
+                    " is out of range [0, ", size_, ")");
+  const bool isSend = type == c10d::OpType::SEND;
+  Pending p;
+  p.outputs = tensors;
+  at::Tensor buf = p.buffer(t, isSend, !isSend);
+  size_t n = count(buf);
+  void *ptr = buf.data_ptr();
+  return launch(op, type, std::move(p), [=](mc_comm_t *c, mc_request_t **r) {
+    return isSend ? mc_send(c, ptr, n, dt, peer, tag, r) : mc_recv(c, ptr, n, dt, peer, tag, r);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::send(std::vector<at::Tensor> &tensors, int dstRank,
+                                                     int tag) {
+  TORCH_CHECK_VALUE(dstRank != MC_ANY_SOURCE, what("send"), ": invalid destination rank -1");
+  return pointToPoint("send", c10d::OpType::SEND, tensors, dstRank, tag);
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::recv(std::vector<at::Tensor> &tensors, int srcRank,
+                                                     int tag) {
+  TORCH_CHECK_VALUE(srcRank != MC_ANY_SOURCE, what("recv"), ": invalid source rank -1");
+  return pointToPoint("recv", c10d::OpType::RECV, tensors, srcRank, tag);
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::recvAnysource(std::vector<at::Tensor> &tensors,
+                                                              int tag) {
+  return pointToPoint("recv", c10d::OpType::RECVANYSOURCE, tensors, MC_ANY_SOURCE, tag);
+}
+
+} // namespace mooncake

@@ -1,0 +1,145 @@
+// c10d::Backend over the Mooncake C engine (CPU tensors).
+//
+// The shim only validates arguments, lays tensors out as contiguous buffers and forwards to
+// mc_* calls; the engine owns every algorithm. Errors found before any data moves become
+// TypeError/ValueError; failures reported by the engine become c10::DistBackendError.
+#pragma once
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <mooncake/mooncake.h>
+
+namespace mooncake {
+
+class MooncakeWork;
+
+// One thread per backend that completes works (copy-back, Work::finish, future callbacks).
+// The engine's completion callback only enqueues here, so user `.then()` callbacks that block or
+// start new collectives never run on (and stall) the engine's progress thread.
+class Completer : public std::enable_shared_from_this<Completer> {
+public:
+  void start();
+  void push(c10::intrusive_ptr<MooncakeWork> work);
+  // Completes what is queued, then stops the thread. Safe to call from the thread itself.
+  void stop();
+
+private:
+  void run();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<c10::intrusive_ptr<MooncakeWork>> queue_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+class MooncakeWork : public c10d::Work {
+public:
+  MooncakeWork(int rank, c10d::OpType type, const char *title, std::string what,
+               std::vector<at::Tensor> outputs, std::shared_ptr<Completer> completer);
+  ~MooncakeWork() override;
+
+  bool isCompleted() override;
+  bool isSuccess() const override;
+  std::exception_ptr exception() const override;
+  int sourceRank() const override;
+  std::vector<at::Tensor> result() override;
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
+
+  // Finishes the work exactly once, whoever calls first (wait() or the completion thread);
+  // the request must be complete.
+  void complete();
+
+private:
+  friend class MooncakeBackend;
+  friend class Completer;
+  static void onEngineComplete(mc_request_t *req, void *arg);
+
+  mc_request_t *req_ = nullptr;
+  const std::string what_;            // "mooncake rank R/N (group): op", prefix of messages
+  std::vector<at::Tensor> outputs_;   // result() and the future's value
+  std::vector<at::Tensor> keepAlive_; // buffers the engine reads/writes until completion
+  // (contiguous temp, user tensor) pairs copied on success: non-contiguous outputs,
+  // allgather list outputs, coalesced allreduce.
+  std::vector<std::pair<at::Tensor, at::Tensor>> copyBack_;
+  std::shared_ptr<Completer> completer_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+  std::once_flag finishOnce_;
+  std::atomic<bool> futureDone_{false};
+  int source_ = -1;
+};
+
+class MooncakeBackend : public c10d::Backend {
+public:
+  struct Options : c10d::Backend::Options {
+    explicit Options(std::chrono::milliseconds timeout)
+        : c10d::Backend::Options("mooncake", timeout) {}
+    c10::intrusive_ptr<c10d::Backend::Options> clone() const override {
+      return c10::make_intrusive<Options>(*this);
+    }
+  };
+
+  // Collective over the group: rendezvous through `store` (blocks until every rank arrives or
+  // the timeout passes). Call without the GIL.
+  MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, int rank, int size,
+                  std::chrono::milliseconds timeout, const std::string &groupName);
+  ~MooncakeBackend() override;
+
+  const std::string getBackendName() const override { return "mooncake"; }
+  c10::intrusive_ptr<c10d::Backend::Options> getBackendOptions() override { return options_; }
+  void setTimeout(std::chrono::milliseconds timeout) override;
+  void abort() override;
+  void shutdown() override;
+  std::string transport();
+
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor> &tensors,
+                                           const c10d::BroadcastOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor> &tensors,
+                                           const c10d::AllreduceOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work>
+  allreduce_coalesced(std::vector<at::Tensor> &tensors,
+                      const c10d::AllreduceCoalescedOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>> &outputs,
+                                           std::vector<at::Tensor> &inputs,
+                                           const c10d::AllgatherOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor &output, at::Tensor &input,
+                                                 const c10d::AllgatherOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor> &tensors, int dstRank,
+                                      int tag) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor> &tensors, int srcRank,
+                                      int tag) override;
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor> &tensors, int tag) override;
+
+private:
+  struct Pending; // buffers and copy-back pairs gathered while validating an op
+  std::string what(const char *op) const;
+  c10::intrusive_ptr<c10d::Work>
+  launch(const char *op, c10d::OpType type, Pending &&p,
+         const std::function<mc_status_t(mc_comm_t *, mc_request_t **)> &issue);
+  c10::intrusive_ptr<c10d::Work> pointToPoint(const char *op, c10d::OpType type,
+                                              std::vector<at::Tensor> &tensors, int peer, int tag);
+
+  c10::intrusive_ptr<c10d::Store> store_; // outlives comm_: the engine may use it until destroy
+  mc_store_t mcStore_{};
+  std::string name_; // mc_config_t.name points here
+  c10::intrusive_ptr<Options> options_;
+  std::mutex commMu_; // guards comm_ against shutdown while ops are issued
+  mc_comm_t *comm_ = nullptr;
+  std::shared_ptr<Completer> completer_;
+};
+
+} // namespace mooncake

@@ -1,0 +1,43 @@
+/* Multi-process test harness: forks N ranks that share a key-value store in shared memory,
+ * each creating a real communicator over the transport chosen by MC_TRANSPORT. */
+#ifndef MC_TEST_HARNESS_H
+#define MC_TEST_HARNESS_H
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "mooncake/mooncake.h"
+
+typedef int (*mc_test_body_t)(mc_comm_t *comm, void *arg);
+
+/* Runs body on `size` forked ranks (each gets its own communicator) and returns 0 when every
+ * rank returned 0 and exited within timeout_s seconds; stragglers are killed. */
+int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s);
+
+/* The shared store, for ranks that create further communicators. `prefix` keeps their keys
+ * apart. */
+void mc_harness_store(mc_store_t *out, const char *prefix);
+/* A barrier among the harness ranks through the store (test control only). */
+void mc_harness_barrier(const char *name, int size);
+
+#define CHECK(cond, ...)                                                                           \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      fprintf(stderr, "CHECK failed %s:%d: %s: ", __FILE__, __LINE__, #cond);                      \
+      fprintf(stderr, __VA_ARGS__);                                                                \
+      fprintf(stderr, "\n");                                                                       \
+      return 1;                                                                                    \
+    }                                                                                              \
+  } while (0)
+
+/* Starts op (an mc_* call filling `req`), waits for it and checks it succeeded. */
+#define RUN_OK(req, call)                                                                          \
+  do {                                                                                             \
+    mc_status_t st_ = (call);                                                                      \
+    CHECK(st_ == MC_OK, "%s: %s", mc_status_str(st_), mc_last_error());                            \
+    st_ = mc_wait(req, 60000);                                                                     \
+    CHECK(st_ == MC_OK, "%s: %s", mc_status_str(st_), mc_request_error(req));                      \
+    mc_request_free(req);                                                                          \
+  } while (0)
+
+#endif

@@ -1,0 +1,246 @@
+/* Every operation x dtype x reduce op x awkward size on N real ranks, compared bit for bit
+ * against a plain computation. Inputs are small integers so every reduction order is exact. */
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "harness.h"
+#include "reduce.h"
+
+static const size_t counts[] = {0, 1, 2, 7, 1023, 16411, 100003};
+#define NCOUNTS (sizeof counts / sizeof counts[0])
+
+/* Writes element i of rank r's input for (dtype, op) as an exactly representable value. */
+static void fill(void *buf, size_t count, mc_dtype_t t, mc_redop_t op, int r) {
+  for (size_t i = 0; i < count; i++) {
+    long v;
+    if (t == MC_BOOL)
+      v = (r + i) % 3 == 0;
+    else if (op == MC_PRODUCT)
+      v = (r + i) % 3 == 0 ? 2 : ((r + i) % 5 == 0 && t != MC_UINT8 ? -1 : 1);
+    else
+      v = (long)((r * 7 + i * 3) % 11) - (t == MC_UINT8 ? 0 : 5);
+    char *p = (char *)buf + i * mc_dtype_size(t);
+    switch (t) {
+    case MC_FLOAT32: *(float *)p = (float)v; break;
+    case MC_FLOAT64: *(double *)p = (double)v; break;
+    case MC_FLOAT16: { /* small integers: exact half bit patterns via float32 conversion */
+      float f = (float)v;
+      uint32_t b;
+      memcpy(&b, &f, 4);
+      uint16_t h = 0;
+      if (f != 0) {
+        int e = (int)((b >> 23) & 0xff) - 127 + 15;
+        h = (uint16_t)((b >> 16) & 0x8000) | (uint16_t)(e << 10) | (uint16_t)((b >> 13) & 0x3ff);
+      } else {
+        h = (uint16_t)((b >> 16) & 0x8000);
+      }
+      memcpy(p, &h, 2);
+      break;
+    }
+    case MC_BFLOAT16: {
+      float f = (float)v;
+      uint32_t b;
+      memcpy(&b, &f, 4);
+      uint16_t h = (uint16_t)(b >> 16);
+      memcpy(p, &h, 2);
+      break;
+    }
+    case MC_INT8: *(int8_t *)p = (int8_t)v; break;
+    case MC_INT16: *(int16_t *)p = (int16_t)v; break;
+    case MC_INT32: *(int32_t *)p = (int32_t)v; break;
+    case MC_INT64: *(int64_t *)p = (int64_t)v; break;
+    case MC_UINT8: *(uint8_t *)p = (uint8_t)v; break;
+    case MC_BOOL: *(uint8_t *)p = (uint8_t)v; break;
+    default: break;
+    }
+  }
+}
+
+static int test_allreduce(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  int checks = 0;
+  for (int t = 0; t < MC_DTYPE_COUNT; t++)
+    for (int op = 0; op < MC_REDOP_COUNT; op++) {
+      if (mc_reduce_supported(t, op) != MC_OK)
+        continue;
+      for (size_t c = 0; c < NCOUNTS; c++) {
+        size_t count = counts[c], bytes = count * mc_dtype_size(t);
+        char *in = malloc(bytes + 1), *out = malloc(bytes + 1), *want = malloc(bytes + 1),
+             *peer = malloc(bytes + 1);
+        fill(in, count, t, op, me);
+        fill(want, count, t, op, 0);
+        for (int r = 1; r < n; r++) {
+          fill(peer, count, t, op, r);
+          mc_reduce_local(want, peer, count, t, op);
+        }
+        if (op == MC_AVG)
+          mc_scale_div(want, count, t, n);
+        bool inplace = c % 2;
+        if (inplace)
+          memcpy(out, in, bytes);
+        mc_request_t *req;
+        RUN_OK(req, mc_allreduce(comm, inplace ? out : in, out, count, t, op, &req));
+        CHECK(!memcmp(out, want, bytes), "allreduce %s %s count %zu %s: wrong result",
+              mc_dtype_name(t), mc_redop_name(op), count, inplace ? "in place" : "");
+        free(in), free(out), free(want), free(peer);
+        checks++;
+      }
+    }
+  if (me == 0)
+    printf("allreduce: %d dtype x op x count cases\n", checks);
+  return 0;
+}
+
+static int test_allgather(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  for (int t = 0; t < MC_DTYPE_COUNT; t++)
+    for (size_t c = 0; c < NCOUNTS; c++) {
+      size_t count = counts[c], bytes = count * mc_dtype_size(t);
+      char *out = malloc(bytes * n + 1), *want = malloc(bytes * n + 1), *in = malloc(bytes + 1);
+      for (int r = 0; r < n; r++)
+        fill(want + r * bytes, count, t, MC_SUM, r);
+      fill(in, count, t, MC_SUM, me);
+      bool inplace = c % 2;
+      if (inplace)
+        memcpy(out + me * bytes, in, bytes);
+      mc_request_t *req;
+      RUN_OK(req, mc_allgather(comm, inplace ? out + me * bytes : in, out, count, t, &req));
+      CHECK(!memcmp(out, want, bytes * n), "allgather %s count %zu: wrong result", mc_dtype_name(t),
+            count);
+      free(out), free(want), free(in);
+    }
+  return 0;
+}
+
+static int test_broadcast(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  for (int root = 0; root < n; root++)
+    for (int t = 0; t < MC_DTYPE_COUNT; t += 3)
+      for (size_t c = 0; c < NCOUNTS; c++) {
+        size_t count = counts[c], bytes = count * mc_dtype_size(t);
+        char *buf = malloc(bytes + 1), *want = malloc(bytes + 1);
+        fill(want, count, t, MC_SUM, root + 1);
+        if (me == root)
+          memcpy(buf, want, bytes);
+        else
+          memset(buf, 0x5a, bytes);
+        mc_request_t *req;
+        RUN_OK(req, mc_broadcast(comm, buf, count, t, root, &req));
+        CHECK(!memcmp(buf, want, bytes), "broadcast %s count %zu root %d: wrong result",
+              mc_dtype_name(t), count, root);
+        free(buf), free(want);
+      }
+  return 0;
+}
+
+/* Ring exchange with tags, out-of-order tag posting, and receive from any source. */
+static int test_p2p(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  const int right = (me + 1) % n, left = (me + n - 1) % n;
+  int32_t a[100], b[100], ra[100], rb[100];
+  for (int i = 0; i < 100; i++)
+    a[i] = me * 1000 + i, b[i] = -(me * 1000 + i);
+  mc_request_t *s1, *s2, *r1, *r2;
+  /* receive tag 7 first but the sender sends tag 3 first: tags, not order, decide */
+  CHECK(mc_recv(comm, rb, 100, MC_INT32, left, 7, &r2) == MC_OK, "%s", mc_last_error());
+  CHECK(mc_recv(comm, ra, 100, MC_INT32, left, 3, &r1) == MC_OK, "%s", mc_last_error());
+  CHECK(mc_send(comm, a, 100, MC_INT32, right, 3, &s1) == MC_OK, "%s", mc_last_error());
+  CHECK(mc_send(comm, b, 100, MC_INT32, right, 7, &s2) == MC_OK, "%s", mc_last_error());
+  mc_request_t *all[] = {s1, s2, r1, r2};
+  for (int i = 0; i < 4; i++) {
+    CHECK(mc_wait(all[i], 60000) == MC_OK, "p2p: %s", mc_request_error(all[i]));
+  }
+  CHECK(mc_request_source(r1) == left, "source %d", mc_request_source(r1));
+  for (int i = 0; i < 100; i++)
+    CHECK(ra[i] == left * 1000 + i && rb[i] == -(left * 1000 + i), "p2p data at %d", i);
+  for (int i = 0; i < 4; i++)
+    mc_request_free(all[i]);
+
+  /* everyone sends to rank 0, which receives from any source */
+  int32_t v = me * 11;
+  if (me == 0) {
+    int seen = 0;
+    for (int k = 1; k < n; k++) {
+      int32_t got;
+      mc_request_t *r;
+      CHECK(mc_recv(comm, &got, 1, MC_INT32, MC_ANY_SOURCE, 42, &r) == MC_OK, "%s",
+            mc_last_error());
+      CHECK(mc_wait(r, 60000) == MC_OK, "%s", mc_request_error(r));
+      int src = mc_request_source(r);
+      CHECK(src > 0 && src < n && got == src * 11, "any-source got %d from %d", got, src);
+      seen |= 1 << src;
+      mc_request_free(r);
+    }
+    CHECK(seen == ((1 << n) - 2), "any-source senders %x", seen);
+  } else {
+    mc_request_t *s;
+    RUN_OK(s, mc_send(comm, &v, 1, MC_INT32, 0, 42, &s));
+  }
+  return 0;
+}
+
+/* Many operations outstanding at once complete, each with the right data. */
+static int test_outstanding(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm);
+  enum { K = 16, C = 5000 };
+  static float bufs[K][C];
+  mc_request_t *reqs[K + 1];
+  for (int k = 0; k < K; k++) {
+    for (int i = 0; i < C; i++)
+      bufs[k][i] = (float)(k + i % 7);
+    CHECK(mc_allreduce(comm, bufs[k], bufs[k], C, MC_FLOAT32, MC_SUM, &reqs[k]) == MC_OK, "%s",
+          mc_last_error());
+  }
+  CHECK(mc_barrier(comm, &reqs[K]) == MC_OK, "%s", mc_last_error());
+  for (int k = K; k >= 0; k--) { /* waiting in reverse order must work too */
+    CHECK(mc_wait(reqs[k], 60000) == MC_OK, "%s", mc_request_error(reqs[k]));
+    mc_request_free(reqs[k]);
+  }
+  for (int k = 0; k < K; k++)
+    for (int i = 0; i < C; i++)
+      CHECK(bufs[k][i] == (float)(n * (k + i % 7)), "outstanding op %d elem %d", k, i);
+  return 0;
+}
+
+/* 64 MiB: takes the large-message (single-copy where the provider can) path. */
+static int test_large(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  size_t count = 16u << 20;
+  float *buf = malloc(count * sizeof *buf);
+  for (size_t i = 0; i < count; i++)
+    buf[i] = (float)((i + me) % 13);
+  mc_request_t *req;
+  RUN_OK(req, mc_allreduce(comm, buf, buf, count, MC_FLOAT32, MC_SUM, &req));
+  for (size_t i = 0; i < count; i++) {
+    float want = 0;
+    for (int r = 0; r < n; r++)
+      want += (float)((i + r) % 13);
+    CHECK(buf[i] == want, "large allreduce elem %zu: %f != %f", i, buf[i], want);
+  }
+  free(buf);
+  return 0;
+}
+
+static int body(mc_comm_t *comm, void *arg) {
+  (void)arg;
+  mc_request_t *req;
+  RUN_OK(req, mc_barrier(comm, &req));
+  const char *only = getenv("MC_TEST_ONLY"); /* e.g. "p2p" while debugging */
+#define PART(name) ((!only || strstr(only, #name)) && test_##name(comm))
+  if (PART(allreduce) || PART(allgather) || PART(broadcast) || PART(p2p) || PART(outstanding) ||
+      PART(large))
+    return 1;
+  RUN_OK(req, mc_barrier(comm, &req));
+  if (mc_comm_rank(comm) == 0)
+    printf("rank 0 on %s: all collective checks passed\n", mc_comm_transport(comm));
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  int size = argc > 1 ? atoi(argv[1]) : 4;
+  int rc = mc_harness_run(size, body, NULL, 200);
+  printf("test_collectives %d ranks (%s): %s\n", size,
+         getenv("MC_TRANSPORT") ? getenv("MC_TRANSPORT") : "auto", rc ? "FAILED" : "passed");
+  return rc;
+}

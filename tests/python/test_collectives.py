@@ -1,0 +1,39 @@
+"""Every implemented op through mooncake vs gloo, in one spawned job per world size."""
+
+import pytest
+
+import _workers
+from _harness import run_ranks
+
+CATEGORIES = ["allreduce", "async", "future", "allgather", "broadcast", "barrier", "noncontig",
+              "coalesced", "p2p", "validation", "ddp", "info"]
+# Fewest checks each category must have run on every rank (guards against silently empty runs).
+MIN_CHECKS = {"allreduce": 190, "allgather": 100, "broadcast": 40, "validation": 13, "ddp": 5}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def battery(request):
+    world = request.param
+    return world, run_ranks(_workers.battery, world, 240)
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_matches_gloo(battery, category):
+    world, results = battery
+    for rank, res in enumerate(results):
+        crashed = {k: v for k, v in res["failures"].items() if k.startswith("check_")}
+        assert not crashed, f"rank {rank}: a check stopped early: {crashed}"
+        assert res["counts"].get(category, 0) >= MIN_CHECKS.get(category, 1), \
+            f"rank {rank}: only {res['counts'].get(category, 0)} {category} checks ran"
+        failures = res["failures"].get(category, [])
+        assert not failures, f"world {world} rank {rank}:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("world,transport", [(2, ""), (4, ""), (2, "tcp")],
+                         ids=["world2-default", "world4-default", "world2-tcp"])
+def test_recv_anysource(world, transport):
+    results = run_ranks(_workers.anysource, world, 120, transport)
+    for rank, res in enumerate(results):
+        assert res["counts"].get("anysource", 0) >= 2, res
+        failures = res["failures"].get("anysource", [])
+        assert not failures, f"rank {rank}:\n" + "\n".join(failures)
