@@ -109,7 +109,10 @@ struct mc_comm {
   mc_request_t *zombies; /* failed requests whose transfers are still in the transport */
 };
 
-/* tag layout: | 0:4 | epoch:8 | comm:8 | source rank:16 | p2p:1 | payload:27 | */
+/* tag layout: | 0:4 | epoch:8 | comm:8 | source rank:16 | p2p:1 | payload:27 |
+ * p2p tags leave the source at 0 so a receive from any source still matches exactly; p2p
+ * messages carry the sender's rank as remote CQ data instead of the collective signature. */
+#define MC_TAG_SRC_SHIFT 28
 #define MC_TAG_P2P (1ULL << 27)
 #define MC_STEP_BITS 11
 uint64_t mc_tag(const mc_comm_t *comm, int src, bool p2p, uint32_t payload);

@@ -9,11 +9,6 @@
 
 typedef struct mc_transport mc_transport_t;
 
-/* Every tag carries the sender's rank at these bits (set by the engine, read by transports
- * that need to know who sent an any-source message). */
-#define MC_TAG_SRC_SHIFT 28
-#define MC_TAG_SRC_MASK (0xffffULL << MC_TAG_SRC_SHIFT)
-
 /* Space a transport may use inside each posted transfer (e.g. a struct fi_context2). */
 typedef struct {
   void *opaque[8];
@@ -47,9 +42,10 @@ typedef struct {
   /* MC_ERR_TIMEOUT here means "try again later" (queue full) */
   mc_status_t (*send)(mc_transport_t *t, int peer, const void *buf, size_t len, uint64_t tag,
                       uint64_t data, mc_transport_ctx_t *ctx);
-  /* peer < 0: any source; tag bits set in ignore are wildcards */
+  /* peer < 0: any source. Tags match exactly: libfabric 1.17 shm never matched wildcard tags
+   * against messages that arrived before the receive (docs/transports.md). */
   mc_status_t (*recv)(mc_transport_t *t, int peer, void *buf, size_t len, uint64_t tag,
-                      uint64_t ignore, mc_transport_ctx_t *ctx);
+                      mc_transport_ctx_t *ctx);
   int (*poll)(mc_transport_t *t, mc_completion_t *out, int max); /* completions read */
   void (*cancel)(mc_transport_t *t, mc_transport_ctx_t *ctx);
   /* Before sleeping: fd to wait on (or -1) and whether sleeping is safe now. backstop_us > 0

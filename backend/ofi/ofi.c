@@ -108,10 +108,7 @@ static mc_status_t ofi_open(const mc_transport_params_t *p, mc_transport_t **out
     free(t);
     return MC_ERR_NOMEM;
   }
-  /* No FI_DIRECTED_RECV: the sender's rank is in the tag, so receives match on the tag alone
-   * (shm 1.17 also failed to match unexpected messages to FI_ADDR_UNSPEC receives when
-   * directed receive was on). */
-  hints->caps = FI_TAGGED;
+  hints->caps = FI_TAGGED | FI_DIRECTED_RECV;
   hints->mode = 0;
   hints->ep_attr->type = FI_EP_RDM;
   hints->domain_attr->threading = FI_THREAD_DOMAIN; /* only the progress thread calls in */
@@ -123,6 +120,7 @@ static mc_status_t ofi_open(const mc_transport_params_t *p, mc_transport_t **out
   const char *iface = mc_param_str(MC_PARAM_OFI_IFACE);
   if (*iface)
     hints->domain_attr->name = strdup(iface);
+  setenv("FI_OFI_RXM_ENABLE_DYN_RBUF", "0", 0); /* else a truncated recv drops the tcp link */
   int rc = fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &t->info);
   fi_freeinfo(hints);
   if (rc || !t->info) {
@@ -198,10 +196,15 @@ static mc_status_t ofi_send(mc_transport_t *t, int peer, const void *buf, size_t
   return MC_OK;
 }
 
+/* The receive's peer is kept in the transport's part of the context: the sender is rung when
+ * a large transfer from it completes. */
+#define CTX_PEER(ctx) ((ctx)->opaque[7])
+
 static mc_status_t ofi_recv(mc_transport_t *t, int peer, void *buf, size_t len, uint64_t tag,
-                            uint64_t ignore, mc_transport_ctx_t *ctx) {
-  (void)peer; /* the tag names the sender */
-  ssize_t rc = fi_trecv(t->ep, buf, len, NULL, FI_ADDR_UNSPEC, tag, ignore, ctx);
+                            mc_transport_ctx_t *ctx) {
+  fi_addr_t src = peer < 0 ? FI_ADDR_UNSPEC : t->peers[peer];
+  CTX_PEER(ctx) = (void *)(intptr_t)peer;
+  ssize_t rc = fi_trecv(t->ep, buf, len, NULL, src, tag, 0, ctx);
   if (rc == -FI_EAGAIN)
     return MC_ERR_TIMEOUT;
   if (rc) {
@@ -211,7 +214,11 @@ static mc_status_t ofi_recv(mc_transport_t *t, int peer, void *buf, size_t len, 
   return MC_OK;
 }
 
-static int sender_of(uint64_t tag) { return (int)((tag & MC_TAG_SRC_MASK) >> MC_TAG_SRC_SHIFT); }
+/* Rings the sender of a completed receive (any-source receives rely on the backstop). */
+static void ring_sender(mc_transport_t *t, void *op_context) {
+  if (t->doorbell >= 0)
+    ring(t, (int)(intptr_t)CTX_PEER((mc_transport_ctx_t *)op_context));
+}
 
 static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
   struct fi_cq_tagged_entry e[32];
@@ -226,7 +233,7 @@ static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
                                  .tag = e[i].tag,
                                  .data = (e[i].flags & FI_REMOTE_CQ_DATA) ? e[i].data : 0};
       if ((e[i].flags & FI_RECV) && e[i].len > t->inject_size)
-        ring(t, sender_of(e[i].tag));
+        ring_sender(t, e[i].op_context);
     }
     return (int)n;
   }
@@ -235,10 +242,11 @@ static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
   struct fi_cq_err_entry ee = {0};
   if (fi_cq_readerr(t->cq, &ee, 0) != 1)
     return 0;
-  mc_status_t st = ee.err == FI_ETRUNC      ? MC_ERR_MISMATCH
-                   : ee.err == FI_ECANCELED ? MC_ERR_REVOKED
-                                            : MC_ERR_TRANSPORT;
-  snprintf(t->error, sizeof t->error, "%s (%s)", fi_strerror(ee.err),
+  int err = ee.err < 0 ? -ee.err : ee.err; /* shm 1.17 reports some errors negated */
+  mc_status_t st = err == FI_ETRUNC      ? MC_ERR_MISMATCH
+                   : err == FI_ECANCELED ? MC_ERR_REVOKED
+                                         : MC_ERR_TRANSPORT;
+  snprintf(t->error, sizeof t->error, "%s (%s)", fi_strerror(err),
            fi_cq_strerror(t->cq, ee.prov_errno, ee.err_data, NULL, 0));
   out[0] = (mc_completion_t){.ctx = ee.op_context,
                              .status = st,
@@ -247,7 +255,7 @@ static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
                              .data = ee.data,
                              .error = t->error};
   if ((ee.flags & FI_RECV) && st == MC_ERR_MISMATCH)
-    ring(t, sender_of(ee.tag));
+    ring_sender(t, ee.op_context);
   return 1;
 }
 

@@ -79,15 +79,14 @@ static void post_step(mc_request_t *req) {
     uint32_t payload = wire_payload(req, x);
     mc_status_t st;
     if (x->is_send) {
-      uint64_t data = req->signature | (req->mismatch ? SIG_MISMATCH : 0);
+      uint64_t data = p2p             ? (uint64_t)comm->rank
+                      : req->mismatch ? req->signature | SIG_MISMATCH
+                                      : req->signature;
       st = comm->tops->send(comm->transport, x->peer, x->buf, x->len,
-                            mc_tag(comm, comm->rank, p2p, payload), data, &x->tctx);
-    } else if (x->peer < 0) { /* any source: the sender's rank is in the tag */
-      st = comm->tops->recv(comm->transport, -1, x->buf, x->len, mc_tag(comm, 0, p2p, payload),
-                            MC_TAG_SRC_MASK, &x->tctx);
+                            mc_tag(comm, p2p ? 0 : comm->rank, p2p, payload), data, &x->tctx);
     } else {
       st = comm->tops->recv(comm->transport, x->peer, x->buf, x->len,
-                            mc_tag(comm, x->peer, p2p, payload), 0, &x->tctx);
+                            mc_tag(comm, p2p ? 0 : x->peer, p2p, payload), &x->tctx);
     }
     MC_LOG(MC_LOG_TRACE, comm->rank, "%s #%u step %d: post %s %s %d, %zu bytes -> %s",
            mc_op_name(req->kind), req->seq, req->step, x->is_send ? "send" : "recv",
@@ -150,8 +149,8 @@ void mc_sched_repost(mc_request_t *req) {
 }
 
 static void check_arrival(mc_request_t *req, mc_xfer_t *x, const mc_completion_t *c) {
-  int src = x->peer >= 0 ? x->peer : (int)((c->tag & MC_TAG_SRC_MASK) >> MC_TAG_SRC_SHIFT);
-  if (c->status == MC_ERR_MISMATCH) { /* truncated: the sender had more */
+  int src = x->peer >= 0 ? x->peer : (int)c->data; /* any-source: p2p data is the sender */
+  if (c->status == MC_ERR_MISMATCH) {              /* truncated: the sender had more */
     mismatch(req, "rank %d sent more than the %zu bytes this rank expected (%s)", src, x->len,
              c->error ? c->error : "truncated");
     return;
