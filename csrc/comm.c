@@ -174,10 +174,8 @@ mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int 
   mc_status_t st = rendezvous(comm, cfg, store);
   if (st == MC_OK && (st = mc_progress_start(comm)) != MC_OK)
     fail(st, "rank %d: could not start the progress thread", rank);
-  if (st == MC_OK && (st = connect_all(comm)) != MC_OK) {
-    mc_progress_stop(comm);
-    release_list(comm->zombies);
-  }
+  if (st == MC_OK && (st = connect_all(comm)) != MC_OK)
+    mc_progress_stop(comm); /* closes the transport */
   if (st != MC_OK) {
     if (comm->transport)
       comm->tops->close(comm->transport);
@@ -227,7 +225,8 @@ mc_status_t mc_comm_destroy(mc_comm_t *comm) {
   if (!comm)
     return MC_ERR_INVALID;
   mc_progress_stop(comm);
-  comm->tops->close(comm->transport); /* transfers still in flight end here */
+  if (comm->transport) /* normally closed by the progress thread as it stopped */
+    comm->tops->close(comm->transport);
   release_list(comm->zombies);
   release_list(comm->active_head);
   pthread_mutex_destroy(&comm->lock);

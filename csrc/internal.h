@@ -107,6 +107,9 @@ struct mc_comm {
   /* progress thread only */
   mc_request_t *active_head, *active_tail;
   mc_request_t *zombies; /* failed requests whose transfers are still in the transport */
+  /* [is_send]: a p2p transfer got EAGAIN this pass; later p2p transfers of that direction
+   * wait behind it so that posting order (= matching order) follows submission order */
+  bool p2p_stalled[2];
 };
 
 /* tag layout: | 0:4 | epoch:8 | comm:8 | source rank:16 | p2p:1 | payload:27 |
@@ -129,6 +132,9 @@ mc_status_t mc_progress_start(mc_comm_t *comm);
 void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req);
 void mc_progress_stop(mc_comm_t *comm);
 void mc_progress_kick(mc_comm_t *comm);
+/* Progress thread: marks the communicator broken (first cause wins) and closes its transport,
+ * so no transfer outlives the failure about to be reported. */
+void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why);
 
 /* schedules (coll/) */
 void mc_sched_start(mc_request_t *req); /* first step, or completion */

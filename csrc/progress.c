@@ -60,8 +60,40 @@ static bool xfers_in_flight(const mc_request_t *req) {
   return false;
 }
 
-/* Drop finished requests from the active list. Failed ones whose transfers the transport
- * still holds become zombies until those drain (or the transport closes). */
+static void release_zombies(mc_comm_t *comm) {
+  while (comm->zombies) {
+    mc_request_t *req = comm->zombies;
+    comm->zombies = req->next;
+    mc_request_release(req);
+  }
+}
+
+/* Closing the transport is what guarantees that nothing in flight touches a buffer whose
+ * operation has been reported failed: every failure that leaves transfers posted breaks the
+ * communicator, and the transport closes before the failure is reported. */
+static void close_transport(mc_comm_t *comm) {
+  if (!comm->transport)
+    return;
+  comm->tops->close(comm->transport);
+  comm->transport = NULL;
+  for (mc_request_t *req = comm->active_head; req; req = req->next)
+    for (int i = 0; i < req->nxfers; i++)
+      req->xfers[i].done = true; /* gone with it */
+  release_zombies(comm);
+}
+
+void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why) {
+  pthread_mutex_lock(&comm->lock);
+  if (comm->broken == MC_OK) {
+    comm->broken = st;
+    snprintf(comm->broken_msg, sizeof comm->broken_msg, "%s", why);
+  }
+  pthread_mutex_unlock(&comm->lock);
+  close_transport(comm);
+}
+
+/* Drop finished requests from the active list. A failed one whose transfers the transport
+ * still holds (only possible while the communicator is not broken) waits as a zombie. */
 static void reap(mc_comm_t *comm) {
   mc_request_t **link = &comm->active_head, *prev = NULL;
   while (*link) {
@@ -128,16 +160,11 @@ static int64_t check_deadlines(mc_comm_t *comm, int64_t now) {
         nearest = req->deadline_ns;
       continue;
     }
-    char peers[160];
+    char peers[160], why[MC_ERRLEN];
     waiting_for(req, peers, sizeof peers);
-    pthread_mutex_lock(&comm->lock);
-    if (comm->broken == MC_OK) {
-      comm->broken = MC_ERR_TIMEOUT;
-      snprintf(comm->broken_msg, sizeof comm->broken_msg,
-               "an earlier %s #%u timed out after %d ms waiting for %s", mc_op_name(req->kind),
-               req->seq, comm->timeout_ms, peers);
-    }
-    pthread_mutex_unlock(&comm->lock);
+    snprintf(why, sizeof why, "an earlier %s #%u timed out after %d ms waiting for %s",
+             mc_op_name(req->kind), req->seq, comm->timeout_ms, peers);
+    mc_comm_break(comm, MC_ERR_TIMEOUT, why);
     mc_request_complete(
         req, MC_ERR_TIMEOUT, "rank %d: %s #%u on %s timed out after %d ms, still waiting for %s",
         comm->rank, mc_op_name(req->kind), req->seq, comm->name, comm->timeout_ms, peers);
@@ -149,11 +176,12 @@ static bool drain_completions(mc_comm_t *comm) {
   mc_completion_t comps[32];
   bool any = false;
   int n;
-  while ((n = comm->tops->poll(comm->transport, comps, 32)) > 0) {
+  while (comm->transport && (n = comm->tops->poll(comm->transport, comps, 32)) > 0) {
     any = true;
     for (int i = 0; i < n; i++) {
       mc_xfer_t *x = (mc_xfer_t *)comps[i].ctx;
-      mc_sched_xfer_done(x, &comps[i]);
+      if (x) /* an error entry without a context names no transfer */
+        mc_sched_xfer_done(x, &comps[i]);
     }
   }
   return any;
@@ -165,7 +193,9 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
   comm->sleeping = true;
   bool work = comm->incoming_head || comm->stop;
   pthread_mutex_unlock(&comm->lock);
-  if (!work && comm->tops->prepare_sleep(comm->transport, &fd, &backstop_us)) {
+  bool can_sleep =
+      !work && (!comm->transport || comm->tops->prepare_sleep(comm->transport, &fd, &backstop_us));
+  if (can_sleep) {
     struct pollfd fds[2] = {{comm->wake_fd, POLLIN, 0}, {fd, POLLIN, 0}};
     int timeout_ms = -1;
     bool pending = comm->active_head != NULL;
@@ -183,7 +213,8 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
       ssize_t r = read(comm->wake_fd, &v, sizeof v);
       (void)r;
     }
-    comm->tops->after_sleep(comm->transport);
+    if (comm->transport)
+      comm->tops->after_sleep(comm->transport);
   }
   pthread_mutex_lock(&comm->lock);
   comm->sleeping = false;
@@ -203,11 +234,15 @@ static void *progress_main(void *arg) {
       memcpy(why, comm->broken_msg, sizeof why);
     pthread_mutex_unlock(&comm->lock);
 
-    bool busy = take_incoming(comm);
-    if (broken != MC_OK)
-      fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
+    /* retry older requests first: new ones must not overtake them into the queues */
+    comm->p2p_stalled[0] = comm->p2p_stalled[1] = false;
     for (mc_request_t *req = comm->active_head; req; req = req->next)
       mc_sched_repost(req);
+    bool busy = take_incoming(comm);
+    if (broken != MC_OK) {
+      close_transport(comm);
+      fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
+    }
     busy |= drain_completions(comm);
     int64_t now = mc_now_ns();
     int64_t nearest = check_deadlines(comm, now);

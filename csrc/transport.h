@@ -52,6 +52,7 @@ typedef struct {
    * asks the caller to wake up that often while work is pending (no reliable fd). */
   bool (*prepare_sleep)(mc_transport_t *t, int *fd, int *backstop_us);
   void (*after_sleep)(mc_transport_t *t); /* drain wake-up notifications */
+  const char *(*last_error)(mc_transport_t *t); /* why the last send/recv post failed */
   void (*close)(mc_transport_t *t);
 } mc_transport_ops_t;
 

@@ -186,7 +186,7 @@ static mc_status_t ofi_set_peers(mc_transport_t *t, void *const *addrs, const si
 static mc_status_t ofi_send(mc_transport_t *t, int peer, const void *buf, size_t len, uint64_t tag,
                             uint64_t data, mc_transport_ctx_t *ctx) {
   ssize_t rc = fi_tsenddata(t->ep, buf, len, NULL, data, t->peers[peer], tag, ctx);
-  if (rc == -FI_EAGAIN)
+  if (rc == -FI_EAGAIN || rc == -FI_ENOMEM) /* queue or shm entry pool full: retry later */
     return MC_ERR_TIMEOUT;
   if (rc) {
     snprintf(t->error, sizeof t->error, "fi_tsenddata: %s", fi_strerror((int)-rc));
@@ -205,7 +205,7 @@ static mc_status_t ofi_recv(mc_transport_t *t, int peer, void *buf, size_t len, 
   fi_addr_t src = peer < 0 ? FI_ADDR_UNSPEC : t->peers[peer];
   CTX_PEER(ctx) = (void *)(intptr_t)peer;
   ssize_t rc = fi_trecv(t->ep, buf, len, NULL, src, tag, 0, ctx);
-  if (rc == -FI_EAGAIN)
+  if (rc == -FI_EAGAIN || rc == -FI_ENOMEM) /* queue or shm entry pool full: retry later */
     return MC_ERR_TIMEOUT;
   if (rc) {
     snprintf(t->error, sizeof t->error, "fi_trecv: %s", fi_strerror((int)-rc));
@@ -281,6 +281,8 @@ static void ofi_after_sleep(mc_transport_t *t) {
     }
 }
 
+static const char *ofi_last_error(mc_transport_t *t) { return t->error; }
+
 const mc_transport_ops_t mc_ofi_transport = {
     .name = "ofi",
     .open = ofi_open,
@@ -293,5 +295,6 @@ const mc_transport_ops_t mc_ofi_transport = {
     .cancel = ofi_cancel,
     .prepare_sleep = ofi_prepare_sleep,
     .after_sleep = ofi_after_sleep,
+    .last_error = ofi_last_error,
     .close = ofi_close,
 };

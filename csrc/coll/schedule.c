@@ -61,6 +61,14 @@ static void mismatch(mc_request_t *req, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* A transfer failed: the other ranks are out of step with this one, so the communicator
+ * breaks (closing the transport first) and then the request fails. */
+static void fail_broken(mc_request_t *req, mc_status_t st, const char *why) {
+  req->failed = true;
+  mc_comm_break(req->comm, st, why);
+  mc_request_complete(req, st, "%s", why);
+}
+
 static uint32_t wire_payload(const mc_request_t *req, const mc_xfer_t *x) {
   if (req->kind == MC_OP_SEND || req->kind == MC_OP_RECV)
     return req->seq; /* user tag */
@@ -76,6 +84,11 @@ static void post_step(mc_request_t *req) {
     mc_xfer_t *x = &req->xfers[i];
     if (x->posted)
       continue;
+    if (!comm->transport)
+      return; /* broken: the progress loop fails this request */
+    bool *stalled = p2p ? &comm->p2p_stalled[x->is_send] : NULL;
+    if (stalled && *stalled)
+      return; /* an earlier p2p transfer is still waiting: keep posting order */
     uint32_t payload = wire_payload(req, x);
     mc_status_t st;
     if (x->is_send) {
@@ -91,13 +104,18 @@ static void post_step(mc_request_t *req) {
     MC_LOG(MC_LOG_TRACE, comm->rank, "%s #%u step %d: post %s %s %d, %zu bytes -> %s",
            mc_op_name(req->kind), req->seq, req->step, x->is_send ? "send" : "recv",
            x->is_send ? "to" : "from", x->peer, x->len, mc_status_str(st));
-    if (st == MC_ERR_TIMEOUT)
+    if (st == MC_ERR_TIMEOUT) {
+      if (stalled)
+        *stalled = true;
       return; /* queue full: retry later */
+    }
     if (st != MC_OK) {
-      req->failed = true;
-      mc_request_complete(req, st, "rank %d: %s #%u on %s: posting a %s %s peer %d failed",
-                          comm->rank, mc_op_name(req->kind), req->seq, comm->name,
-                          x->is_send ? "send" : "receive", x->is_send ? "to" : "from", x->peer);
+      char why[MC_ERRLEN];
+      snprintf(why, sizeof why, "rank %d: %s #%u on %s: posting a %s %s rank %d failed: %s",
+               comm->rank, mc_op_name(req->kind), req->seq, comm->name,
+               x->is_send ? "send" : "receive", x->is_send ? "to" : "from", x->peer,
+               comm->tops->last_error(comm->transport));
+      fail_broken(req, st, why);
       return;
     }
     x->posted = true;
@@ -186,12 +204,11 @@ void mc_sched_xfer_done(mc_xfer_t *x, const mc_completion_t *c) {
   if (atomic_load(&req->done))
     return; /* already failed; this drains a zombie */
   if (c->status != MC_OK && c->status != MC_ERR_MISMATCH) {
-    req->failed = true;
-    mc_request_complete(req, c->status == MC_ERR_TRANSPORT ? MC_ERR_PEER_FAILED : c->status,
-                        "rank %d: %s #%u on %s: %s rank %d failed: %s", comm->rank,
-                        mc_op_name(req->kind), req->seq, comm->name,
-                        x->is_send ? "send to" : "receive from", x->peer,
-                        c->error ? c->error : "transport error");
+    char why[MC_ERRLEN];
+    snprintf(why, sizeof why, "rank %d: %s #%u on %s: %s rank %d failed: %s", comm->rank,
+             mc_op_name(req->kind), req->seq, comm->name, x->is_send ? "send to" : "receive from",
+             x->peer, c->error ? c->error : "transport error");
+    fail_broken(req, c->status == MC_ERR_TRANSPORT ? MC_ERR_PEER_FAILED : c->status, why);
     return;
   }
   if (!x->is_send)

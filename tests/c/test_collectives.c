@@ -180,6 +180,33 @@ static int test_p2p(mc_comm_t *comm) {
   return 0;
 }
 
+/* Thousands of same-tag sends posted without waiting fill the transport's queues; messages
+ * must still match receives in posting order. */
+static int test_order(mc_comm_t *comm) {
+  enum { MAX = 20000 };
+  const int me = mc_comm_rank(comm), n = mc_comm_size(comm);
+  /* shm 1.17 intermittently loses a message once thousands are unexpected at one receiver
+   * (docs/transports.md): there, stay within its queues; tcp takes the full pressure test. */
+  const int N = strcmp(mc_comm_transport(comm), "shm") ? MAX : 500;
+  if (me > 1 || n < 2)
+    return 0;
+  static int32_t buf[MAX];
+  static mc_request_t *reqs[MAX];
+  for (int i = 0; i < N; i++) {
+    buf[i] = me == 1 ? i : -1;
+    mc_status_t st = me == 1 ? mc_send(comm, &buf[i], 1, MC_INT32, 0, 5, &reqs[i])
+                             : mc_recv(comm, &buf[i], 1, MC_INT32, 1, 5, &reqs[i]);
+    CHECK(st == MC_OK, "%s", mc_last_error());
+  }
+  for (int i = 0; i < N; i++) {
+    CHECK(mc_wait(reqs[i], 60000) == MC_OK, "%s", mc_request_error(reqs[i]));
+    mc_request_free(reqs[i]);
+  }
+  for (int i = 0; i < N; i++)
+    CHECK(buf[i] == i, "message %d arrived as %d: posting order broken", i, buf[i]);
+  return 0;
+}
+
 /* Many operations outstanding at once complete, each with the right data. */
 static int test_outstanding(mc_comm_t *comm) {
   const int n = mc_comm_size(comm);
@@ -229,7 +256,7 @@ static int body(mc_comm_t *comm, void *arg) {
   const char *only = getenv("MC_TEST_ONLY"); /* e.g. "p2p" while debugging */
 #define PART(name) ((!only || strstr(only, #name)) && test_##name(comm))
   if (PART(allreduce) || PART(allgather) || PART(broadcast) || PART(p2p) || PART(outstanding) ||
-      PART(large))
+      PART(order) || PART(large))
     return 1;
   RUN_OK(req, mc_barrier(comm, &req));
   if (mc_comm_rank(comm) == 0)
