@@ -363,18 +363,7 @@ MooncakeBackend::MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, i
   completer_->start();
 }
 
-MooncakeBackend::~MooncakeBackend() {
-  // The completion thread may be waiting for the GIL (a Python future callback); joining it
-  // while holding the GIL would deadlock.
-  PyThreadState *saved = nullptr;
-  if (Py_IsInitialized() && PyGILState_Check()) {
-    saved = PyEval_SaveThread();
-  }
-  shutdown();
-  if (saved != nullptr) {
-    PyEval_RestoreThread(saved);
-  }
-}
+MooncakeBackend::~MooncakeBackend() { shutdown(); }
 
 std::string MooncakeBackend::what(const char *op) const {
   std::string s = "mooncake rank " + std::to_string(rank_) + "/" + std::to_string(size_);
@@ -399,7 +388,31 @@ void MooncakeBackend::abort() {
   }
 }
 
+namespace {
+// Releases the GIL for its scope if this thread holds it: shutdown joins the completion thread,
+// which may be waiting for the GIL to run a Python future callback.
+class WithoutGil {
+public:
+  WithoutGil() {
+    if (Py_IsInitialized() && PyGILState_Check()) {
+      saved_ = PyEval_SaveThread();
+    }
+  }
+  ~WithoutGil() {
+    if (saved_ != nullptr) {
+      PyEval_RestoreThread(saved_);
+    }
+  }
+  WithoutGil(const WithoutGil &) = delete;
+  WithoutGil &operator=(const WithoutGil &) = delete;
+
+private:
+  PyThreadState *saved_ = nullptr;
+};
+} // namespace
+
 void MooncakeBackend::shutdown() {
+  WithoutGil noGil;
   mc_comm_t *comm = nullptr;
   {
     std::lock_guard<std::mutex> g(commMu_);
