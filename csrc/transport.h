@@ -51,7 +51,7 @@ typedef struct {
   /* Before sleeping: fd to wait on (or -1) and whether sleeping is safe now. backstop_us > 0
    * asks the caller to wake up that often while work is pending (no reliable fd). */
   bool (*prepare_sleep)(mc_transport_t *t, int *fd, int *backstop_us);
-  void (*after_sleep)(mc_transport_t *t); /* drain wake-up notifications */
+  void (*after_sleep)(mc_transport_t *t);       /* drain wake-up notifications */
   const char *(*last_error)(mc_transport_t *t); /* why the last send/recv post failed */
   void (*close)(mc_transport_t *t);
 } mc_transport_ops_t;
