@@ -33,6 +33,7 @@ const char *mc_op_name(mc_op_kind_t kind) {
   case MC_OP_SEND: return "send";
   case MC_OP_RECV: return "recv";
   case MC_OP_CONNECT: return "connect";
+  case MC_OP_REDUCE_SCATTER: return "reduce_scatter";
   }
   return "op";
 }
@@ -253,6 +254,15 @@ static mc_status_t check_buffer(mc_comm_t *comm, const void *buf, size_t count, 
   return MC_OK;
 }
 
+static mc_status_t check_redop(mc_comm_t *comm, mc_dtype_t dtype, mc_redop_t op, const char *what) {
+  if ((unsigned)op >= MC_REDOP_COUNT)
+    return fail(MC_ERR_INVALID, "rank %d: %s: unknown reduce op %d", comm->rank, what, (int)op);
+  if (mc_reduce_supported(dtype, op) != MC_OK)
+    return fail(MC_ERR_UNSUPPORTED, "rank %d: %s: %s is not supported for %s", comm->rank, what,
+                mc_redop_name(op), mc_dtype_name(dtype));
+  return MC_OK;
+}
+
 /* Queues a request, or completes it at once if the communicator is already broken. */
 static mc_status_t submit(mc_comm_t *comm, mc_request_t *r, mc_request_t **out) {
   pthread_mutex_lock(&comm->lock);
@@ -288,14 +298,34 @@ mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t coun
     st = check_buffer(comm, in, count, "allreduce");
   if (st == MC_OK)
     st = check_buffer(comm, out, count, "allreduce");
+  if (st == MC_OK)
+    st = check_redop(comm, dtype, op, "allreduce");
   if (st != MC_OK)
     return st;
-  if ((unsigned)op >= MC_REDOP_COUNT)
-    return fail(MC_ERR_INVALID, "rank %d: allreduce: unknown reduce op %d", comm->rank, (int)op);
-  if (mc_reduce_supported(dtype, op) != MC_OK)
-    return fail(MC_ERR_UNSUPPORTED, "rank %d: allreduce: %s is not supported for %s", comm->rank,
-                mc_redop_name(op), mc_dtype_name(dtype));
   mc_request_t *r = new_request(comm, MC_OP_ALLREDUCE);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = in, r->out = out, r->count = count, r->dtype = dtype, r->redop = op;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_reduce_scatter(mc_comm_t *comm, const void *in, void *out, size_t count,
+                              mc_dtype_t dtype, mc_redop_t op, mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, dtype, "reduce_scatter");
+  if (st == MC_OK)
+    st = check_buffer(comm, out, count, "reduce_scatter");
+  if (st == MC_OK) /* in holds size * count; check_buffer bounds count first */
+    st = check_buffer(comm, in, count ? count * (size_t)comm->size : 0, "reduce_scatter");
+  if (st == MC_OK)
+    st = check_redop(comm, dtype, op, "reduce_scatter");
+  size_t esz = mc_dtype_size(dtype), total = count * (size_t)comm->size * esz;
+  if (st == MC_OK && count && (const char *)out < (const char *)in + total &&
+      (const char *)in < (const char *)out + count * esz)
+    st = fail(MC_ERR_INVALID, "rank %d: reduce_scatter: out overlaps in (not supported in place)",
+              comm->rank);
+  if (st != MC_OK)
+    return st;
+  mc_request_t *r = new_request(comm, MC_OP_REDUCE_SCATTER);
   if (!r)
     return MC_ERR_NOMEM;
   r->in = in, r->out = out, r->count = count, r->dtype = dtype, r->redop = op;

@@ -24,6 +24,7 @@ typedef enum {
   MC_OP_SEND,
   MC_OP_RECV,
   MC_OP_CONNECT, /* wire-up at creation: each rank greets every lower rank */
+  MC_OP_REDUCE_SCATTER,
 } mc_op_kind_t;
 
 const char *mc_op_name(mc_op_kind_t kind);
@@ -74,7 +75,9 @@ struct mc_request {
   mc_xfer_t xfers[MC_MAX_XFERS];
   int nxfers;
   int npending;
-  /* local reduction run when the step's transfers are done: red_dst op= red_src */
+  /* local reduction run when the step's transfers are done: red_dst op= red_src, after
+   * copying red_base into red_dst when red_base is set */
+  const void *red_base;
   void *red_dst;
   const void *red_src;
   size_t red_count;

@@ -580,6 +580,33 @@ MooncakeBackend::_allgather_base(at::Tensor &output, at::Tensor &input,
       [=](mc_comm_t *c, mc_request_t **r) { return mc_allgather(c, inPtr, outPtr, n, dt, r); });
 }
 
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::_reduce_scatter_base(at::Tensor &output, at::Tensor &input,
+                                      const c10d::ReduceScatterOptions &opts) {
+  const std::string w = what("reduce_scatter_tensor");
+  mc_dtype_t dt = checkTensor(input, w);
+  checkTensor(output, w);
+  TORCH_CHECK_TYPE(output.scalar_type() == input.scalar_type(), w, ": output dtype ",
+                   output.scalar_type(), " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.numel() == output.numel() * size_, w, ": input has ", input.numel(),
+                    " elements, expected world size (", size_, ") x output (", output.numel(), ")");
+  mc_redop_t op = toRedop(opts.reduceOp, w);
+  Pending p;
+  p.outputs = {output};
+  // The engine reads every input block while it writes the output: an output that aliases
+  // the input (in-place use) reduces from a copy.
+  bool aliases = output.numel() > 0 && input.numel() > 0 && output.is_alias_of(input);
+  at::Tensor src = aliases ? p.buffer(input.clone(), true, false) : p.buffer(input, true, false);
+  at::Tensor dst = p.buffer(output, false, true);
+  size_t n = count(output);
+  const void *inPtr = src.data_ptr();
+  void *outPtr = dst.data_ptr();
+  return launch("reduce_scatter_tensor", c10d::OpType::_REDUCE_SCATTER_BASE, std::move(p),
+                [=](mc_comm_t *c, mc_request_t **r) {
+                  return mc_reduce_scatter(c, inPtr, outPtr, n, dt, op, r);
+                });
+}
+
 c10::intrusive_ptr<c10d::Work> MooncakeBackend::broadcast(std::vector<at::Tensor> &tensors,
                                                           const c10d::BroadcastOptions &opts) {
   const std::string w = what("broadcast");

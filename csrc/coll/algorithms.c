@@ -1,6 +1,7 @@
 /* Collective algorithms, written as step generators for the scheduler (schedule.c):
  * mc_algo_next_step() fills the transfers of step req->step and returns false when done.
  *   allreduce  recursive doubling (small) or ring reduce-scatter + allgather (large)
+ *   reduce_scatter  ring
  *   allgather  ring
  *   broadcast  binomial tree
  *   barrier    dissemination */
@@ -47,6 +48,17 @@ void mc_algo_setup(mc_request_t *req) {
       mc_request_complete(req, MC_ERR_NOMEM, "rank %d: allreduce #%u: no memory for %zu bytes",
                           comm->rank, req->seq, tmp_bytes);
     }
+    break;
+  }
+  case MC_OP_REDUCE_SCATTER: {
+    if (n == 1) {
+      if (bytes && req->in != req->out)
+        memcpy(req->out, req->in, bytes);
+      break;
+    }
+    if (bytes && !(req->tmp = malloc(bytes)))
+      mc_request_complete(req, MC_ERR_NOMEM, "rank %d: reduce_scatter #%u: no memory for %zu bytes",
+                          comm->rank, req->seq, bytes);
     break;
   }
   case MC_OP_ALLGATHER: {
@@ -141,6 +153,25 @@ static bool allreduce_ring(mc_request_t *req) {
   return true;
 }
 
+/* Ring reduce-scatter: at step k rank r passes on its partial of block r-k-1 and receives
+ * the partial of block r-k-2, which it adds to its own input block in `out`. After n-1 steps
+ * `out` holds block r reduced over all ranks. Each rank sends (n-1) blocks in all. */
+static bool reduce_scatter_ring(mc_request_t *req) {
+  const int n = req->comm->size, r = req->comm->rank, s = req->step;
+  const size_t count = req->count, bytes = count * mc_dtype_size(req->dtype);
+  if (s >= n - 1) {
+    finish_avg(req, req->out, count);
+    return false;
+  }
+  int send = mod(r - s - 1, n), recv = mod(r - s - 2, n);
+  const void *src = s == 0 ? at((void *)req->in, count * send, req->dtype) : req->out;
+  mc_step_add(req, true, mod(r + 1, n), (void *)src, bytes);
+  mc_step_add(req, false, mod(r - 1, n), req->tmp, bytes);
+  req->red_base = at((void *)req->in, count * recv, req->dtype);
+  req->red_dst = req->out, req->red_src = req->tmp, req->red_count = count;
+  return true;
+}
+
 static bool allgather_ring(mc_request_t *req) {
   const int n = req->comm->size, r = req->comm->rank, s = req->step;
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
@@ -209,6 +240,7 @@ bool mc_algo_next_step(mc_request_t *req) {
       return false;
     return req->algo == ALGO_RING ? allreduce_ring(req) : allreduce_rd(req);
   case MC_OP_ALLGATHER: return req->algo != ALGO_TRIVIAL && allgather_ring(req);
+  case MC_OP_REDUCE_SCATTER: return req->algo != ALGO_TRIVIAL && reduce_scatter_ring(req);
   case MC_OP_BROADCAST: return req->algo != ALGO_TRIVIAL && broadcast_binomial(req);
   case MC_OP_BARRIER: return req->algo != ALGO_TRIVIAL && barrier_dissemination(req);
   case MC_OP_CONNECT: return connect_lower_first(req);

@@ -14,7 +14,8 @@
 
 static uint64_t signature_of(const mc_request_t *req) {
   uint64_t root = req->kind == MC_OP_BROADCAST ? (uint64_t)req->root & 0x7fff : 0;
-  uint64_t redop = req->kind == MC_OP_ALLREDUCE ? (uint64_t)req->redop : 0;
+  bool reduces = req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_REDUCE_SCATTER;
+  uint64_t redop = reduces ? (uint64_t)req->redop : 0;
   return ((uint64_t)req->count & 0xfffffffffULL) << 28 | root << 13 | redop << 8 |
          (uint64_t)req->dtype << 4 | (uint64_t)req->kind;
 }
@@ -22,7 +23,7 @@ static uint64_t signature_of(const mc_request_t *req) {
 static void describe_signature(uint64_t sig, char *out, size_t len) {
   int kind = sig & 0xf, dtype = (sig >> 4) & 0xf, redop = (sig >> 8) & 0xf;
   unsigned long long count = sig >> 28;
-  if (kind == MC_OP_ALLREDUCE)
+  if (kind == MC_OP_ALLREDUCE || kind == MC_OP_REDUCE_SCATTER)
     snprintf(out, len, "%s of %llu x %s (%s)", mc_op_name(kind), count, mc_dtype_name(dtype),
              mc_redop_name(redop));
   else if (kind == MC_OP_BROADCAST)
@@ -139,6 +140,7 @@ static void advance(mc_request_t *req) {
   for (;;) {
     req->nxfers = 0;
     req->red_dst = NULL;
+    req->red_base = NULL;
     if (!mc_algo_next_step(req)) {
       finish(req);
       return;
@@ -215,6 +217,8 @@ void mc_sched_xfer_done(mc_xfer_t *x, const mc_completion_t *c) {
     check_arrival(req, x, c);
   if (--req->npending)
     return;
+  if (req->red_dst && req->red_base && !req->mismatch)
+    memcpy(req->red_dst, req->red_base, req->red_count * mc_dtype_size(req->dtype));
   if (req->red_dst && !req->mismatch)
     mc_reduce_local(req->red_dst, req->red_src, req->red_count, req->dtype, req->redop);
   req->step++;

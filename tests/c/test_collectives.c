@@ -92,6 +92,40 @@ static int test_allreduce(mc_comm_t *comm) {
   return 0;
 }
 
+static int test_reduce_scatter(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  float overlap[64];
+  mc_request_t *bad;
+  CHECK(mc_reduce_scatter(comm, overlap, overlap + me * 2, 2, MC_FLOAT32, MC_SUM, &bad) ==
+            MC_ERR_INVALID,
+        "in-place reduce_scatter must be rejected: %s", mc_last_error());
+  for (int t = 0; t < MC_DTYPE_COUNT; t++)
+    for (int op = 0; op < MC_REDOP_COUNT; op++) {
+      if (mc_reduce_supported(t, op) != MC_OK)
+        continue;
+      for (size_t c = 0; c < NCOUNTS - 1; c++) { /* the largest count x ranks is slow here */
+        size_t count = counts[c], esz = mc_dtype_size(t), bytes = count * esz;
+        char *in = malloc(bytes * n + 1), *out = malloc(bytes + 1), *want = malloc(bytes * n + 1),
+             *peer = malloc(bytes * n + 1);
+        fill(in, count * n, t, op, me);
+        fill(want, count * n, t, op, 0);
+        for (int r = 1; r < n; r++) {
+          fill(peer, count * n, t, op, r);
+          mc_reduce_local(want, peer, count * n, t, op);
+        }
+        if (op == MC_AVG)
+          mc_scale_div(want, count * n, t, n);
+        mc_request_t *req;
+        RUN_OK(req, mc_reduce_scatter(comm, in, out, count, t, op, &req));
+        CHECK(!memcmp(out, want + me * bytes, bytes),
+              "reduce_scatter %s %s count %zu: wrong result", mc_dtype_name(t), mc_redop_name(op),
+              count);
+        free(in), free(out), free(want), free(peer);
+      }
+    }
+  return 0;
+}
+
 static int test_allgather(mc_comm_t *comm) {
   const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
   for (int t = 0; t < MC_DTYPE_COUNT; t++)
@@ -255,8 +289,8 @@ static int body(mc_comm_t *comm, void *arg) {
   RUN_OK(req, mc_barrier(comm, &req));
   const char *only = getenv("MC_TEST_ONLY"); /* e.g. "p2p" while debugging */
 #define PART(name) ((!only || strstr(only, #name)) && test_##name(comm))
-  if (PART(allreduce) || PART(allgather) || PART(broadcast) || PART(p2p) || PART(outstanding) ||
-      PART(order) || PART(large))
+  if (PART(allreduce) || PART(reduce_scatter) || PART(allgather) || PART(broadcast) || PART(p2p) ||
+      PART(outstanding) || PART(order) || PART(large))
     return 1;
   RUN_OK(req, mc_barrier(comm, &req));
   if (mc_comm_rank(comm) == 0)

@@ -208,6 +208,29 @@ def check_gather_broadcast(c, rank, world, gloo):
         c.expect("barrier", "barrier returned", True)
 
 
+def check_reduce_scatter(c, rank, world, gloo):
+    """reduce_scatter_tensor against the matching block of a gloo (or local) allreduce."""
+    seed = 5000
+    for dt in DTYPES:
+        for op in OPS:
+            if dt == torch.bool and op == R.AVG:
+                continue
+            for per_rank in (0, 1, 1023):
+                seed += 1
+                name = f"reduce_scatter_tensor {dt} {op} per_rank={per_rank}"
+                x = make_input(dt, op, per_rank * world, rank, seed)
+
+                def body(x=x, op=op, name=name, dt=dt, per_rank=per_rank):
+                    got = torch.full((per_rank,), 1, dtype=dt)
+                    dist.reduce_scatter_tensor(got, x, op=op)
+                    ref = reference_allreduce(x, op, world, gloo)
+                    exp = ref[rank * per_rank:(rank + 1) * per_rank]
+                    tol = (1e-2 if dt in (torch.float16, torch.bfloat16) else 1e-6) \
+                        if (op == R.AVG and dt in FLOATS) else 0.0
+                    c.equal("reduce_scatter", name, got, exp, rtol=tol, atol=tol)
+                c.guard("reduce_scatter", name, body)
+
+
 def check_noncontiguous(c, rank, world, gloo):
     g = torch.Generator().manual_seed(rank)
     base = torch.randint(-8, 9, (64, 30), generator=g).float()
@@ -370,7 +393,7 @@ def battery(rank, world, store_path):
     gloo = init(rank, world, store_path)
     c = Checks()
     for check in (check_allreduce, check_async_and_futures, check_gather_broadcast,
-                  check_noncontiguous, check_p2p, check_validation, check_ddp):
+                  check_reduce_scatter, check_noncontiguous, check_p2p, check_validation, check_ddp):
         c.guard(check.__name__, check.__name__, lambda check=check: check(c, rank, world, gloo))
     be = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
     c.expect("info", "backend name", dist.get_backend() == "mooncake", dist.get_backend())

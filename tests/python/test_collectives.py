@@ -5,10 +5,11 @@ import pytest
 import _workers
 from _harness import run_ranks
 
-CATEGORIES = ["allreduce", "async", "future", "allgather", "broadcast", "barrier", "noncontig",
+CATEGORIES = ["allreduce", "reduce_scatter", "async", "future", "allgather", "broadcast", "barrier",
+              "noncontig",
               "coalesced", "p2p", "validation", "ddp", "info"]
 # Fewest checks each category must have run on every rank (guards against silently empty runs).
-MIN_CHECKS = {"allreduce": 190, "allgather": 100, "broadcast": 40, "validation": 13, "ddp": 5}
+MIN_CHECKS = {"allreduce": 190, "reduce_scatter": 140, "allgather": 100, "broadcast": 40, "validation": 13, "ddp": 5}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])

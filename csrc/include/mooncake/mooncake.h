@@ -98,6 +98,10 @@ mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t coun
 /* out holds size * count elements, rank r's block at r * count. in may equal out + rank*count. */
 mc_status_t mc_allgather(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
                          mc_request_t **req);
+/* in holds size * count elements; out (count elements) gets block `rank` reduced over all
+ * ranks. A true reduce-scatter: each rank sends (size-1) * count elements, not an allreduce. */
+mc_status_t mc_reduce_scatter(mc_comm_t *comm, const void *in, void *out, size_t count,
+                              mc_dtype_t dtype, mc_redop_t op, mc_request_t **req);
 mc_status_t mc_broadcast(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int root,
                          mc_request_t **req);
 mc_status_t mc_barrier(mc_comm_t *comm, mc_request_t **req);
