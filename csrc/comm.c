@@ -66,6 +66,53 @@ static mc_status_t store_get(mc_comm_t *comm, const mc_store_t *store, const cha
   return MC_OK;
 }
 
+static mc_status_t open_transport(mc_comm_t *comm) {
+  mc_transport_params_t tp = {.provider = *comm->want_provider ? comm->want_provider : NULL,
+                              .all_local = comm->all_local,
+                              .comm_id = comm->id + comm->epoch, /* unique per epoch */
+                              .rank = comm->rank,
+                              .size = comm->size};
+  comm->tops = &mc_ofi_transport;
+  char err[MC_ERRLEN - 64];
+  mc_status_t st = comm->tops->open(&tp, &comm->transport, err, sizeof err);
+  if (st != MC_OK)
+    return fail(st, "rank %d: communicator %s: %s", comm->rank, comm->name, err);
+  snprintf(comm->provider, sizeof comm->provider, "%s", comm->tops->provider(comm->transport));
+  return MC_OK;
+}
+
+/* Allocates the communicator's own state; members[i] is the lineage rank of rank i. */
+static mc_comm_t *comm_new(int rank, int size, int lineage_size, const char *name, int timeout_ms) {
+  mc_comm_t *comm = calloc(1, sizeof *comm);
+  if (!comm)
+    return NULL;
+  comm->members = calloc(size, sizeof *comm->members);
+  comm->rank_of = malloc(lineage_size * sizeof *comm->rank_of);
+  if (!comm->members || !comm->rank_of) {
+    free(comm->members), free(comm->rank_of), free(comm);
+    return NULL;
+  }
+  for (int r = 0; r < lineage_size; r++)
+    comm->rank_of[r] = -1;
+  comm->rank = rank;
+  comm->size = size;
+  comm->lineage_size = lineage_size;
+  comm->timeout_ms = timeout_ms;
+  comm->wake_fd = -1;
+  snprintf(comm->name, sizeof comm->name, "%s", name);
+  pthread_mutex_init(&comm->lock, NULL);
+  return comm;
+}
+
+static void comm_free(mc_comm_t *comm) {
+  if (comm->transport)
+    comm->tops->close(comm->transport);
+  if (comm->ctrl)
+    mc_ctrl_detach(comm->ctrl, comm);
+  pthread_mutex_destroy(&comm->lock);
+  free(comm->members), free(comm->rank_of), free(comm);
+}
+
 static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_store_t *store) {
   char key[64];
   void *val = NULL;
@@ -99,18 +146,21 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
     free(val);
   }
 
+  comm->all_local = all_local;
   const char *want = cfg->transport ? cfg->transport : mc_param_str(MC_PARAM_TRANSPORT);
-  mc_transport_params_t tp = {.provider = strcmp(want, "auto") ? want : NULL,
-                              .all_local = all_local,
-                              .comm_id = comm->id,
-                              .rank = comm->rank,
-                              .size = comm->size};
-  comm->tops = &mc_ofi_transport;
-  char err[MC_ERRLEN - 64];
-  if ((st = comm->tops->open(&tp, &comm->transport, err, sizeof err)) != MC_OK)
-    return fail(st, "rank %d: creating communicator %s: %s", comm->rank, comm->name, err);
-  snprintf(comm->provider, sizeof comm->provider, "%s", comm->tops->provider(comm->transport));
+  snprintf(comm->want_provider, sizeof comm->want_provider, "%s", strcmp(want, "auto") ? want : "");
 
+  /* the control plane listens before its address is published, so dialling it never fails */
+  char ctrl_addr[64], err[MC_ERRLEN - 64];
+  if ((st = mc_ctrl_create(comm->rank, comm->size, comm->id, all_local, &comm->ctrl, ctrl_addr,
+                           sizeof ctrl_addr, err, sizeof err)) != MC_OK)
+    return fail(st, "rank %d: creating communicator %s: %s", comm->rank, comm->name, err);
+  snprintf(key, sizeof key, "mc/ctrl/%d", comm->rank);
+  if ((st = store->set(store->ctx, key, ctrl_addr, strlen(ctrl_addr) + 1)) != MC_OK)
+    return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
+
+  if ((st = open_transport(comm)) != MC_OK)
+    return st;
   char addr[256];
   size_t alen = sizeof addr;
   if ((st = comm->tops->get_address(comm->transport, addr, &alen)) != MC_OK)
@@ -128,6 +178,18 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
   if (st == MC_OK && (st = comm->tops->set_peers(comm->transport, addrs, lens, comm->size)))
     fail(st, "rank %d: creating communicator %s: could not add peer addresses", comm->rank,
          comm->name);
+  for (int r = 0; addrs && r < comm->size; r++) {
+    free(addrs[r]);
+    addrs[r] = NULL;
+  }
+  /* control plane mesh: the last use of the store */
+  for (int r = 0; r < comm->size && st == MC_OK; r++) {
+    snprintf(key, sizeof key, "mc/ctrl/%d", r);
+    st = store_get(comm, store, key, &addrs[r], &lens[r]);
+  }
+  if (st == MC_OK && (st = mc_ctrl_connect(comm->ctrl, (char *const *)addrs, comm->timeout_ms, err,
+                                           sizeof err)) != MC_OK)
+    fail(st, "rank %d: creating communicator %s: %s", comm->rank, comm->name, err);
   for (int r = 0; addrs && r < comm->size; r++)
     free(addrs[r]);
   free(addrs);
@@ -164,24 +226,22 @@ mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int 
   if (size < 1 || size > MC_MAX_RANKS || rank < 0 || rank >= size)
     return fail(MC_ERR_INVALID, "mc_comm_create: rank %d / size %d out of range (size 1..%d)", rank,
                 size, MC_MAX_RANKS);
-  mc_comm_t *comm = calloc(1, sizeof *comm);
+  mc_comm_t *comm =
+      comm_new(rank, size, size, cfg->name && *cfg->name ? cfg->name : "comm",
+               cfg->timeout_ms > 0 ? cfg->timeout_ms : (int)mc_param_int(MC_PARAM_TIMEOUT_MS));
   if (!comm)
     return fail(MC_ERR_NOMEM, "mc_comm_create: out of memory");
-  comm->rank = rank;
-  comm->size = size;
-  comm->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : (int)mc_param_int(MC_PARAM_TIMEOUT_MS);
-  snprintf(comm->name, sizeof comm->name, "%s", cfg->name && *cfg->name ? cfg->name : "comm");
-  pthread_mutex_init(&comm->lock, NULL);
+  for (int r = 0; r < size; r++)
+    comm->members[r] = comm->rank_of[r] = r;
   mc_status_t st = rendezvous(comm, cfg, store);
+  if (st == MC_OK)
+    mc_ctrl_attach(comm->ctrl, comm);
   if (st == MC_OK && (st = mc_progress_start(comm)) != MC_OK)
     fail(st, "rank %d: could not start the progress thread", rank);
-  if (st == MC_OK && (st = connect_all(comm)) != MC_OK)
+  else if (st == MC_OK && (st = connect_all(comm)) != MC_OK)
     mc_progress_stop(comm); /* closes the transport */
   if (st != MC_OK) {
-    if (comm->transport)
-      comm->tops->close(comm->transport);
-    pthread_mutex_destroy(&comm->lock);
-    free(comm);
+    comm_free(comm);
     return st;
   }
   MC_LOG(MC_LOG_INFO, rank, "communicator %s: %d ranks over %s, id %016llx", comm->name, size,
@@ -226,12 +286,130 @@ mc_status_t mc_comm_destroy(mc_comm_t *comm) {
   if (!comm)
     return MC_ERR_INVALID;
   mc_progress_stop(comm);
-  if (comm->transport) /* normally closed by the progress thread as it stopped */
-    comm->tops->close(comm->transport);
   release_list(comm->zombies);
   release_list(comm->active_head);
-  pthread_mutex_destroy(&comm->lock);
-  free(comm);
+  comm_free(comm); /* the transport normally closed as the progress thread stopped */
+  return MC_OK;
+}
+
+/* ---- fault tolerance ---- */
+
+mc_status_t mc_comm_revoke(mc_comm_t *comm) {
+  if (!comm)
+    return MC_ERR_INVALID;
+  char why[96];
+  snprintf(why, sizeof why, "rank %d revoked the communicator", comm->rank);
+  mc_comm_revoke_local(comm, MC_ERR_REVOKED, why);
+  mc_ctrl_revoke(comm->ctrl, comm->epoch, why);
+  return MC_OK;
+}
+
+int mc_comm_failed_ranks(mc_comm_t *comm, int *ranks, int max) {
+  int n = 0;
+  for (int r = 0; comm && r < comm->size; r++)
+    if (r != comm->rank && mc_ctrl_is_failed(comm->ctrl, comm->members[r])) {
+      if (n < max && ranks)
+        ranks[n] = r;
+      n++;
+    }
+  return n;
+}
+
+mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t **out) {
+  if (!comm || !out || n < 0 || (n && !exclude))
+    return fail(MC_ERR_INVALID, "mc_comm_shrink: null communicator, output or exclude list");
+  for (int i = 0; i < n; i++)
+    if (exclude[i] < 0 || exclude[i] >= comm->size || exclude[i] == comm->rank)
+      return fail(MC_ERR_INVALID, "rank %d: shrink of %s: cannot exclude rank %d (size %d%s)",
+                  comm->rank, comm->name, exclude[i], comm->size,
+                  exclude[i] == comm->rank ? ", this rank" : "");
+  char why[MC_ERRLEN - 64];
+  snprintf(why, sizeof why, "excluded by shrink on rank %d", comm->rank);
+  for (int i = 0; i < n; i++)
+    mc_ctrl_exclude(comm->ctrl, comm->members[exclude[i]], why);
+
+  int64_t t0 = mc_now_ns();
+  uint64_t *failed = calloc(mc_ctrl_words(comm->ctrl), sizeof *failed);
+  if (!failed)
+    return fail(MC_ERR_NOMEM, "rank %d: shrink: out of memory", comm->rank);
+  mc_status_t st = mc_ctrl_agree(comm->ctrl, comm->epoch, comm->members, comm->size,
+                                 comm->timeout_ms, failed, why, sizeof why);
+  if (st != MC_OK) {
+    free(failed);
+    return fail(st, "rank %d: shrink of %s: %s", comm->rank, comm->name, why);
+  }
+  int size = 0, rank = -1;
+  for (int r = 0; r < comm->size; r++) {
+    int l = comm->members[r];
+    if (failed[l / 64] >> (l % 64) & 1)
+      continue;
+    if (r == comm->rank)
+      rank = size;
+    size++;
+  }
+  if (rank < 0) {
+    free(failed);
+    return fail(MC_ERR_REVOKED, "rank %d: shrink of %s: the others declared this rank failed",
+                comm->rank, comm->name);
+  }
+  mc_comm_t *nc = comm_new(rank, size, comm->lineage_size, comm->name, comm->timeout_ms);
+  if (!nc) {
+    free(failed);
+    return fail(MC_ERR_NOMEM, "rank %d: shrink: out of memory", comm->rank);
+  }
+  for (int r = 0, i = 0; r < comm->size; r++) {
+    int l = comm->members[r];
+    if (!(failed[l / 64] >> (l % 64) & 1)) {
+      nc->members[i] = l;
+      nc->rank_of[l] = i++;
+    }
+  }
+  free(failed);
+  nc->id = comm->id;
+  nc->epoch = comm->epoch + 1;
+  nc->all_local = comm->all_local;
+  memcpy(nc->want_provider, comm->want_provider, sizeof nc->want_provider);
+  nc->ctrl = comm->ctrl;
+  mc_ctrl_attach(nc->ctrl, nc); /* from here a member's failure revokes it */
+
+  /* the new transport's addresses travel over the control plane, not the store */
+  char addr[256];
+  size_t alen = sizeof addr;
+  void **addrs = calloc(size, sizeof *addrs);
+  size_t *lens = calloc(size, sizeof *lens);
+  st = addrs && lens ? open_transport(nc) : MC_ERR_NOMEM;
+  if (st == MC_OK && (st = nc->tops->get_address(nc->transport, addr, &alen)) != MC_OK)
+    fail(st, "rank %d: shrink: transport address unavailable", comm->rank);
+  if (st == MC_OK && (st = mc_ctrl_exchange(nc->ctrl, nc->epoch, nc->members, size, addr, alen,
+                                            nc->timeout_ms, addrs, lens, why, sizeof why)) != MC_OK)
+    fail(st, "rank %d: shrink of %s: %s", comm->rank, comm->name, why);
+  if (st == MC_OK) {
+    /* a member that failed before sending its address gets this rank's own as a placeholder:
+     * the new communicator is revoked already and will never address it */
+    for (int r = 0; r < size; r++)
+      if (!addrs[r] && (addrs[r] = malloc(alen))) {
+        memcpy(addrs[r], addr, alen);
+        lens[r] = alen;
+      }
+    if ((st = nc->tops->set_peers(nc->transport, addrs, lens, size)) != MC_OK)
+      fail(st, "rank %d: shrink: could not add peer addresses", comm->rank);
+  }
+  for (int r = 0; addrs && r < size; r++)
+    free(addrs[r]);
+  free(addrs);
+  free(lens);
+  if (st == MC_OK && (st = mc_progress_start(nc)) != MC_OK)
+    fail(st, "rank %d: shrink: could not start the progress thread", comm->rank);
+  if (st != MC_OK) {
+    comm_free(nc);
+    return st;
+  }
+  /* A member failing now leaves the new communicator revoked, not the shrink failed: the
+   * caller sees it at its next operation and shrinks again. */
+  connect_all(nc);
+  MC_LOG(MC_LOG_INFO, nc->rank, "communicator %s: shrunk from %d to %d ranks in %.1f ms, epoch %u",
+         nc->name, comm->size, size, (mc_now_ns() - t0) / 1e6, nc->epoch);
+  *out = nc;
   return MC_OK;
 }
 

@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 
+#include "ctrl.h"
 #include "log.h"
 #include "param.h"
 #include "transport.h"
@@ -91,8 +92,14 @@ struct mc_comm {
   int size;
   char name[64];
   uint64_t id;
-  uint8_t epoch;
+  uint32_t epoch; /* 0 at creation, +1 per shrink; its low 8 bits travel in every tag */
   int timeout_ms;
+  mc_ctrl_t *ctrl; /* shared by the communicators of a lineage (ctrl.h) */
+  int *members;    /* lineage rank of each rank */
+  int *rank_of;    /* rank of each lineage rank, -1 if not a member */
+  int lineage_size;
+  bool all_local;
+  char want_provider[32]; /* "" = auto */
   const mc_transport_ops_t *tops;
   mc_transport_t *transport;
   char provider[32];
@@ -138,6 +145,10 @@ void mc_progress_kick(mc_comm_t *comm);
 /* Progress thread: marks the communicator broken (first cause wins) and closes its transport,
  * so no transfer outlives the failure about to be reported. */
 void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why);
+
+/* Any thread: marks the communicator broken (first cause wins) and wakes its progress thread,
+ * which fails what is pending. Does not tell the peers (the caller does, if it should). */
+void mc_comm_revoke_local(mc_comm_t *comm, mc_status_t st, const char *why);
 
 /* schedules (coll/) */
 void mc_sched_start(mc_request_t *req); /* first step, or completion */

@@ -18,6 +18,8 @@ static mc_param_t params[MC_PARAM_COUNT] = {
     [MC_PARAM_BACKSTOP_US] = {"MC_BACKSTOP_US", "1000", 0},
     [MC_PARAM_RING_MIN_BYTES] = {"MC_RING_MIN_BYTES", "65536", 0},
     [MC_PARAM_OFI_IFACE] = {"MC_OFI_IFACE", "", 0},
+    [MC_PARAM_HEARTBEAT_MS] = {"MC_HEARTBEAT_MS", "50", 0},
+    [MC_PARAM_FAILURE_TIMEOUT_MS] = {"MC_FAILURE_TIMEOUT_MS", "300", 0},
 };
 
 static pthread_once_t params_once = PTHREAD_ONCE_INIT;

@@ -84,12 +84,27 @@ static void close_transport(mc_comm_t *comm) {
 
 void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why) {
   pthread_mutex_lock(&comm->lock);
-  if (comm->broken == MC_OK) {
+  bool first = comm->broken == MC_OK;
+  if (first) {
     comm->broken = st;
     snprintf(comm->broken_msg, sizeof comm->broken_msg, "%s", why);
   }
   pthread_mutex_unlock(&comm->lock);
   close_transport(comm);
+  if (first && comm->ctrl) /* the peers' pending operations fail now, not at their timeout */
+    mc_ctrl_revoke(comm->ctrl, comm->epoch, why);
+}
+
+void mc_comm_revoke_local(mc_comm_t *comm, mc_status_t st, const char *why) {
+  pthread_mutex_lock(&comm->lock);
+  if (comm->broken == MC_OK) {
+    comm->broken = st;
+    snprintf(comm->broken_msg, sizeof comm->broken_msg, "%s", why);
+  }
+  bool started = comm->wake_fd >= 0;
+  pthread_mutex_unlock(&comm->lock);
+  if (started)
+    mc_progress_kick(comm);
 }
 
 /* Drop finished requests from the active list. A failed one whose transfers the transport
@@ -260,11 +275,17 @@ static void *progress_main(void *arg) {
 }
 
 mc_status_t mc_progress_start(mc_comm_t *comm) {
-  comm->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (comm->wake_fd < 0)
+  int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (fd < 0)
     return MC_ERR_INTERNAL;
+  pthread_mutex_lock(&comm->lock); /* the control thread may kick it from now on */
+  comm->wake_fd = fd;
+  pthread_mutex_unlock(&comm->lock);
   if (pthread_create(&comm->thread, NULL, progress_main, comm)) {
-    close(comm->wake_fd);
+    pthread_mutex_lock(&comm->lock);
+    comm->wake_fd = -1;
+    pthread_mutex_unlock(&comm->lock);
+    close(fd);
     return MC_ERR_INTERNAL;
   }
   return MC_OK;
@@ -281,5 +302,9 @@ void mc_progress_stop(mc_comm_t *comm) {
   pthread_mutex_unlock(&comm->lock);
   mc_progress_kick(comm);
   pthread_join(comm->thread, NULL);
-  close(comm->wake_fd);
+  pthread_mutex_lock(&comm->lock);
+  int fd = comm->wake_fd;
+  comm->wake_fd = -1;
+  pthread_mutex_unlock(&comm->lock);
+  close(fd);
 }

@@ -34,7 +34,7 @@ static void describe_signature(uint64_t sig, char *out, size_t len) {
 }
 
 uint64_t mc_tag(const mc_comm_t *comm, int src, bool p2p, uint32_t payload) {
-  return (uint64_t)comm->epoch << 52 | (comm->id & 0xff) << 44 |
+  return (uint64_t)(comm->epoch & 0xff) << 52 | (comm->id & 0xff) << 44 |
          ((uint64_t)src & 0xffff) << MC_TAG_SRC_SHIFT | (p2p ? MC_TAG_P2P : 0) |
          (payload & 0x7ffffff);
 }

@@ -92,6 +92,22 @@ mc_status_t mc_comm_abort(mc_comm_t *comm);
  * on peers. Requests not yet freed stay valid (completed) until mc_request_free. */
 mc_status_t mc_comm_destroy(mc_comm_t *comm);
 
+/* Fault tolerance (docs/fault-tolerance.md). Every rank watches every other over a control
+ * connection: a dead process is noticed at once, a hung or cut-off one after
+ * MC_FAILURE_TIMEOUT_MS. A failure revokes the communicator on every survivor: pending and
+ * later operations fail with MC_ERR_PEER_FAILED or MC_ERR_REVOKED; the output buffers of a
+ * failed operation hold unspecified data. */
+
+/* Revokes the communicator here and on every peer. Returns at once. */
+mc_status_t mc_comm_revoke(mc_comm_t *comm);
+/* Ranks of this communicator known to have failed (up to max written); returns the count. */
+int mc_comm_failed_ranks(mc_comm_t *comm, int *ranks, int max);
+/* Collective over the survivors: they agree on who failed (plus `exclude`, ranks of this
+ * communicator that every caller passes), then build a new communicator of the rest,
+ * renumbered in rank order, without the store. A member that fails during the call leaves the
+ * new communicator revoked (shrink it again); the old one stays valid until destroyed. */
+mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t **out);
+
 /* Collectives. in == out is allowed (in place). count may be 0. */
 mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
                          mc_redop_t op, mc_request_t **req);
