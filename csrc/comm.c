@@ -66,19 +66,54 @@ static mc_status_t store_get(mc_comm_t *comm, const mc_store_t *store, const cha
   return MC_OK;
 }
 
-static mc_status_t open_transport(mc_comm_t *comm) {
+/* An endpoint for the communicator of `epoch` in this lineage. */
+static mc_status_t open_endpoint(const mc_comm_t *comm, uint32_t epoch, mc_transport_t **out,
+                                 char *err, size_t errlen) {
   mc_transport_params_t tp = {.provider = *comm->want_provider ? comm->want_provider : NULL,
                               .all_local = comm->all_local,
-                              .comm_id = comm->id + comm->epoch, /* unique per epoch */
-                              .rank = comm->rank,
-                              .size = comm->size};
+                              .comm_id = comm->id + epoch, /* unique per epoch */
+                              .rank = comm->members[comm->rank],
+                              .size = comm->lineage_size};
+  return mc_ofi_transport.open(&tp, out, err, errlen);
+}
+
+static void use_transport(mc_comm_t *comm, mc_transport_t *t) {
   comm->tops = &mc_ofi_transport;
+  comm->transport = t;
+  snprintf(comm->provider, sizeof comm->provider, "%s", comm->tops->provider(t));
+}
+
+static mc_status_t open_transport(mc_comm_t *comm) {
   char err[MC_ERRLEN - 64];
-  mc_status_t st = comm->tops->open(&tp, &comm->transport, err, sizeof err);
+  mc_transport_t *t;
+  mc_status_t st = open_endpoint(comm, comm->epoch, &t, err, sizeof err);
   if (st != MC_OK)
     return fail(st, "rank %d: communicator %s: %s", comm->rank, comm->name, err);
-  snprintf(comm->provider, sizeof comm->provider, "%s", comm->tops->provider(comm->transport));
+  use_transport(comm, t);
   return MC_OK;
+}
+
+/* Opening an endpoint takes tens of ms in libfabric 1.17 (fi_enable), too slow for a shrink:
+ * each communicator opens the endpoint of its successor in the background, ahead of need. */
+static void *open_standby(void *arg) {
+  mc_comm_t *comm = arg;
+  char err[160];
+  if (open_endpoint(comm, comm->epoch + 1, &comm->standby, err, sizeof err) != MC_OK)
+    comm->standby = NULL; /* shrink opens one itself */
+  return NULL;
+}
+
+static void start_standby(mc_comm_t *comm) {
+  comm->standby_running = pthread_create(&comm->standby_thread, NULL, open_standby, comm) == 0;
+}
+
+static mc_transport_t *take_standby(mc_comm_t *comm) {
+  if (comm->standby_running)
+    pthread_join(comm->standby_thread, NULL);
+  comm->standby_running = false;
+  mc_transport_t *t = comm->standby;
+  comm->standby = NULL;
+  return t;
 }
 
 /* Allocates the communicator's own state; members[i] is the lineage rank of rank i. */
@@ -105,6 +140,9 @@ static mc_comm_t *comm_new(int rank, int size, int lineage_size, const char *nam
 }
 
 static void comm_free(mc_comm_t *comm) {
+  mc_transport_t *standby = take_standby(comm);
+  if (standby)
+    mc_ofi_transport.close(standby);
   if (comm->transport)
     comm->tops->close(comm->transport);
   if (comm->ctrl)
@@ -244,6 +282,7 @@ mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int 
     comm_free(comm);
     return st;
   }
+  start_standby(comm);
   MC_LOG(MC_LOG_INFO, rank, "communicator %s: %d ranks over %s, id %016llx", comm->name, size,
          comm->provider, (unsigned long long)comm->id);
   *out = comm;
@@ -338,6 +377,7 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
     free(failed);
     return fail(st, "rank %d: shrink of %s: %s", comm->rank, comm->name, why);
   }
+  int64_t t_agreed = mc_now_ns();
   int size = 0, rank = -1;
   for (int r = 0; r < comm->size; r++) {
     int l = comm->members[r];
@@ -377,7 +417,10 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   size_t alen = sizeof addr;
   void **addrs = calloc(size, sizeof *addrs);
   size_t *lens = calloc(size, sizeof *lens);
-  st = addrs && lens ? open_transport(nc) : MC_ERR_NOMEM;
+  mc_transport_t *standby = take_standby(comm);
+  if (standby)
+    use_transport(nc, standby);
+  st = !addrs || !lens ? MC_ERR_NOMEM : standby ? MC_OK : open_transport(nc);
   if (st == MC_OK && (st = nc->tops->get_address(nc->transport, addr, &alen)) != MC_OK)
     fail(st, "rank %d: shrink: transport address unavailable", comm->rank);
   if (st == MC_OK && (st = mc_ctrl_exchange(nc->ctrl, nc->epoch, nc->members, size, addr, alen,
@@ -406,9 +449,14 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   }
   /* A member failing now leaves the new communicator revoked, not the shrink failed: the
    * caller sees it at its next operation and shrinks again. */
+  int64_t t_exchanged = mc_now_ns();
   connect_all(nc);
-  MC_LOG(MC_LOG_INFO, nc->rank, "communicator %s: shrunk from %d to %d ranks in %.1f ms, epoch %u",
-         nc->name, comm->size, size, (mc_now_ns() - t0) / 1e6, nc->epoch);
+  start_standby(nc);
+  MC_LOG(MC_LOG_INFO, nc->rank,
+         "communicator %s: shrunk from %d to %d ranks in %.1f ms (agreement %.1f, addresses "
+         "%.1f, connections %.1f), epoch %u",
+         nc->name, comm->size, size, (mc_now_ns() - t0) / 1e6, (t_agreed - t0) / 1e6,
+         (t_exchanged - t_agreed) / 1e6, (mc_now_ns() - t_exchanged) / 1e6, nc->epoch);
   *out = nc;
   return MC_OK;
 }

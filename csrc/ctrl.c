@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fault.h"
 #include "internal.h"
 
 enum {
@@ -292,6 +293,7 @@ static void send_members(mc_ctrl_t *c, const epoch_state_t *e, int type, const v
 }
 
 static void start_round(mc_ctrl_t *c, epoch_state_t *e) {
+  mc_fault_point(c->rank, "agree", e->epoch, "prepare");
   uint32_t top = e->promised > e->ballot ? e->promised : e->ballot;
   e->ballot = ((top >> 16) + 1) << 16 | (uint32_t)c->rank;
   e->promised = e->ballot;
@@ -323,6 +325,7 @@ static void agree_progress(mc_ctrl_t *c, epoch_state_t *e) {
         for (int w = 0; w < c->words; w++)
           value[w] &= e->members[w];
       }
+      mc_fault_point(c->rank, "agree", e->epoch, "accept");
       memcpy(e->acc_value, value, c->words * sizeof *value);
       e->acc_ballot = e->ballot;
       e->phase = 2;
@@ -331,6 +334,7 @@ static void agree_progress(mc_ctrl_t *c, epoch_state_t *e) {
       send_members(c, e, MSG_ACCEPT, &e->ballot, sizeof e->ballot, e->acc_value,
                    c->words * sizeof(uint64_t));
     } else {
+      mc_fault_point(c->rank, "agree", e->epoch, "commit");
       send_members(c, e, MSG_COMMIT, e->acc_value, c->words * sizeof(uint64_t), NULL, 0);
       commit(c, e, e->acc_value);
     }
@@ -356,6 +360,7 @@ static void on_agreement(mc_ctrl_t *c, int from, int type, epoch_state_t *e, con
       send_frame(c, from, MSG_COMMIT, e->epoch, e->value, bm, NULL, 0);
     } else if (type == MSG_PREPARE && ballot > e->promised) {
       e->promised = ballot;
+      mc_fault_point(c->rank, "agree", e->epoch, "promise");
       /* ballot, accepted ballot, accepted value, failed set */
       char *body = malloc(2 * sizeof ballot + 2 * bm);
       if (body) {
@@ -595,9 +600,21 @@ static void on_accept(mc_ctrl_t *c) {
 }
 
 /* Heartbeats out; silence and expired goodbyes in. */
-static void tick(mc_ctrl_t *c, int64_t now) {
+static void tick(mc_ctrl_t *c, int64_t now, int64_t since_last_tick) {
   const int64_t hb = (int64_t)c->heartbeat_ms * 1000000;
   const int64_t limit = (int64_t)c->failure_timeout_ms * 1000000;
+  if (since_last_tick > limit / 2) {
+    /* this thread did not run for a long time (stopped, starved): the silence is ours, not
+     * the peers'. What they sent meanwhile is read first; they get a fresh window. */
+    MC_LOG(MC_LOG_INFO, c->rank, "control: this rank did not run for %lld ms",
+           (long long)(since_last_tick / 1000000));
+    for (int r = 0; r < c->size; r++)
+      if (c->peers[r].conn && !c->peers[r].failed)
+        on_readable(c, c->peers[r].conn);
+    for (int r = 0; r < c->size; r++)
+      if (c->peers[r].last_rx < now)
+        c->peers[r].last_rx = now;
+  }
   for (int r = 0; r < c->size; r++) {
     peer_t *p = &c->peers[r];
     if (r == c->rank || p->failed)
@@ -622,7 +639,7 @@ static void tick(mc_ctrl_t *c, int64_t now) {
 static void *ctrl_main(void *arg) {
   mc_ctrl_t *c = arg;
   const int64_t hb = (int64_t)c->heartbeat_ms * 1000000;
-  int64_t next_tick = mc_now_ns() + hb;
+  int64_t last_tick = mc_now_ns(), next_tick = last_tick + hb;
   struct epoll_event evs[32];
   for (;;) {
     int64_t wait_ns = next_tick - mc_now_ns();
@@ -655,7 +672,8 @@ static void *ctrl_main(void *arg) {
     }
     int64_t now = mc_now_ns();
     if (now >= next_tick) {
-      tick(c, now);
+      tick(c, now, now - last_tick);
+      last_tick = now;
       next_tick = now + hb;
     }
     pthread_mutex_unlock(&c->lock);

@@ -100,6 +100,9 @@ struct mc_comm {
   int lineage_size;
   bool all_local;
   char want_provider[32]; /* "" = auto */
+  mc_transport_t *standby; /* the endpoint a shrink will use, opened in the background */
+  pthread_t standby_thread;
+  bool standby_running;
   const mc_transport_ops_t *tops;
   mc_transport_t *transport;
   char provider[32];

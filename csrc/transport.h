@@ -27,7 +27,7 @@ typedef struct {
   const char *provider; /* NULL: auto */
   bool all_local;       /* every rank on this host */
   uint64_t comm_id;
-  int rank;
+  int rank; /* unique per process among the endpoints of comm_id (a lineage rank) */
   int size;
 } mc_transport_params_t;
 

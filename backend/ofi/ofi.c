@@ -30,7 +30,9 @@ struct mc_transport {
   struct fid_cq *cq;
   struct fid_ep *ep;
   fi_addr_t *peers;
+  int *peer_keys; /* each peer's doorbell key, from the tail of its address */
   int npeers;
+  int key; /* this endpoint's doorbell key (params.rank) */
   int cq_fd;    /* -1: provider has no wait fd; use the doorbell */
   int doorbell; /* datagram socket, or -1 */
   uint64_t comm_id;
@@ -52,7 +54,7 @@ static void ring(mc_transport_t *t, int peer) {
     return;
   struct sockaddr_un a;
   socklen_t len;
-  doorbell_address(t->comm_id, peer, &a, &len);
+  doorbell_address(t->comm_id, t->peer_keys[peer], &a, &len);
   char b = 1;
   /* a full queue already holds a wake-up for the peer */
   (void)sendto(t->doorbell, &b, 1, MSG_DONTWAIT, (struct sockaddr *)&a, len);
@@ -76,6 +78,7 @@ static void ofi_close(mc_transport_t *t) {
   if (t->doorbell >= 0)
     close(t->doorbell);
   free(t->peers);
+  free(t->peer_keys);
   free(t);
 }
 
@@ -102,6 +105,7 @@ static mc_status_t ofi_open(const mc_transport_params_t *p, mc_transport_t **out
   t->cq_fd = -1;
   t->doorbell = -1;
   t->comm_id = p->comm_id;
+  t->key = p->rank;
 
   struct fi_info *hints = fi_allocinfo();
   if (!hints) {
@@ -167,19 +171,33 @@ static mc_status_t ofi_open(const mc_transport_params_t *p, mc_transport_t **out
 
 static const char *ofi_provider(mc_transport_t *t) { return t->info->fabric_attr->prov_name; }
 
+/* The address is the endpoint name followed by the doorbell key, so that an endpoint opened
+ * before its rank in a communicator is known (shrink's standby) is still addressable. */
 static mc_status_t ofi_get_address(mc_transport_t *t, void *buf, size_t *len) {
-  return fi_getname(&t->ep->fid, buf, len) ? MC_ERR_TRANSPORT : MC_OK;
+  size_t name_len = *len - sizeof(int32_t);
+  if (*len < sizeof(int32_t) || fi_getname(&t->ep->fid, buf, &name_len))
+    return MC_ERR_TRANSPORT;
+  int32_t key = t->key;
+  memcpy((char *)buf + name_len, &key, sizeof key);
+  *len = name_len + sizeof key;
+  return MC_OK;
 }
 
 static mc_status_t ofi_set_peers(mc_transport_t *t, void *const *addrs, const size_t *lens, int n) {
-  (void)lens;
   t->peers = calloc(n, sizeof *t->peers);
-  if (!t->peers)
+  t->peer_keys = calloc(n, sizeof *t->peer_keys);
+  if (!t->peers || !t->peer_keys)
     return MC_ERR_NOMEM;
   t->npeers = n;
-  for (int r = 0; r < n; r++)
+  for (int r = 0; r < n; r++) {
+    int32_t key;
+    if (lens[r] < sizeof key)
+      return MC_ERR_TRANSPORT;
+    memcpy(&key, (const char *)addrs[r] + lens[r] - sizeof key, sizeof key);
+    t->peer_keys[r] = key;
     if (fi_av_insert(t->av, addrs[r], 1, &t->peers[r], 0, NULL) != 1)
       return MC_ERR_TRANSPORT;
+  }
   return MC_OK;
 }
 

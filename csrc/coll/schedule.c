@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "fault.h"
 #include "internal.h"
 #include "reduce.h"
 
@@ -135,6 +136,20 @@ static void finish(mc_request_t *req) {
   }
 }
 
+/* MC_FAULT injection point at each step (fault.h); "error" breaks the communicator as a
+ * failed link would. */
+static bool fault_here(mc_request_t *req) {
+  mc_comm_t *comm = req->comm;
+  char step[16];
+  snprintf(step, sizeof step, "%d", req->step);
+  if (!mc_fault_point(comm->members[comm->rank], mc_op_name(req->kind), req->seq, step))
+    return false;
+  mc_comm_break(comm, MC_ERR_TRANSPORT, "injected transport error (MC_FAULT)");
+  mc_request_complete(req, MC_ERR_TRANSPORT, "rank %d: %s #%u on %s: injected error (MC_FAULT)",
+                      comm->rank, mc_op_name(req->kind), req->seq, comm->name);
+  return true;
+}
+
 /* Moves to the next step that has transfers, running local-only steps on the way. */
 static void advance(mc_request_t *req) {
   for (;;) {
@@ -147,6 +162,8 @@ static void advance(mc_request_t *req) {
     }
     if (req->nxfers) {
       req->npending = req->nxfers;
+      if (fault_here(req))
+        return;
       post_step(req);
       return;
     }

@@ -17,6 +17,10 @@ int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s);
 /* The shared store, for ranks that create further communicators. `prefix` keeps their keys
  * apart. */
 void mc_harness_store(mc_store_t *out, const char *prefix);
+/* This rank is about to die on purpose: its death by a signal or exit status is not a failure. */
+void mc_harness_expect_death(int rank);
+/* 64 KiB shared by the ranks of one run, zeroed at its start (timestamps, pids). */
+void *mc_harness_scratch(void);
 /* A barrier among the harness ranks through the store (test control only). */
 void mc_harness_barrier(const char *name, int size);
 
