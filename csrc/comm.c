@@ -354,6 +354,10 @@ int mc_comm_failed_ranks(mc_comm_t *comm, int *ranks, int max) {
   return n;
 }
 
+int mc_comm_origin_rank(const mc_comm_t *comm, int rank) {
+  return comm && rank >= 0 && rank < comm->size ? comm->members[rank] : -1;
+}
+
 mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t **out) {
   if (!comm || !out || n < 0 || (n && !exclude))
     return fail(MC_ERR_INVALID, "mc_comm_shrink: null communicator, output or exclude list");

@@ -132,8 +132,9 @@ static void send_frame(mc_ctrl_t *c, int peer, int type, uint32_t epoch, const v
   if (n != (ssize_t)(sizeof h + alen + blen)) {
     /* a peer that stopped reading long enough to fill a socket buffer is not healthy */
     if (type != MSG_EXCLUDED)
-      mark_failed(c, peer, n < 0 && errno != EAGAIN ? "its control connection failed"
-                                                    : "its control connection is backed up",
+      mark_failed(c, peer,
+                  n < 0 && errno != EAGAIN ? "its control connection failed"
+                                           : "its control connection is backed up",
                   true);
     return;
   }
@@ -198,7 +199,7 @@ static void mark_failed(mc_ctrl_t *c, int r, const char *why, bool tell_others) 
 
 static void merge_failed(mc_ctrl_t *c, const uint64_t *failed, int from) {
   char why[64];
-  snprintf(why, sizeof why, "reported by rank %d", from);
+  snprintf(why, sizeof why, "reported by original rank %d", from);
   for (int r = 0; r < c->size; r++)
     if (bit(failed, r)) {
       if (r == c->rank)
@@ -285,8 +286,8 @@ static void commit(mc_ctrl_t *c, epoch_state_t *e, const uint64_t *value) {
   pthread_cond_broadcast(&c->cond);
 }
 
-static void send_members(mc_ctrl_t *c, const epoch_state_t *e, int type, const void *a,
-                         size_t alen, const void *b, size_t blen) {
+static void send_members(mc_ctrl_t *c, const epoch_state_t *e, int type, const void *a, size_t alen,
+                         const void *b, size_t blen) {
   for (int r = 0; r < c->size; r++)
     if (r != c->rank && bit(e->members, r))
       send_frame(c, r, type, e->epoch, a, alen, b, blen);
@@ -436,8 +437,8 @@ static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *p
       break;
     memcpy(&who, payload, sizeof who);
     char why[200];
-    snprintf(why, sizeof why, "reported by rank %d: %.*s", from, (int)(h->len - sizeof who),
-             payload + sizeof who);
+    snprintf(why, sizeof why, "reported by original rank %d: %.*s", from,
+             (int)(h->len - sizeof who), payload + sizeof who);
     if ((int)who == c->rank) {
       /* treat like EXCLUDED below */
     } else if ((int)who < c->size) {
@@ -452,7 +453,7 @@ static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *p
     if (!c->excluded) {
       c->excluded = true;
       snprintf(c->excluded_why, sizeof c->excluded_why,
-               "rank %d declared this rank failed (%.*s)", from, (int)h->len, payload);
+               "original rank %d declared this rank failed (%.*s)", from, (int)h->len, payload);
       MC_LOG(MC_LOG_WARN, c->rank, "control: %s", c->excluded_why);
       revoke_comms(c, -1, MC_ERR_REVOKED, c->excluded_why);
       pthread_cond_broadcast(&c->cond);
@@ -460,7 +461,7 @@ static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *p
     break;
   case MSG_REVOKE: {
     char why[MC_ERRLEN];
-    snprintf(why, sizeof why, "revoked by rank %d: %.*s", from, (int)h->len, payload);
+    snprintf(why, sizeof why, "revoked by original rank %d: %.*s", from, (int)h->len, payload);
     for (attached_t *a = c->comms; a; a = a->next)
       if (a->comm->epoch == h->epoch)
         mc_comm_revoke_local(a->comm, MC_ERR_REVOKED, why);
@@ -476,8 +477,8 @@ static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *p
     break;
   }
   default: {
-    epoch_state_t *e = h->type >= MSG_PREPARE && h->type <= MSG_COMMIT ? epoch_get(c, h->epoch)
-                                                                        : NULL;
+    epoch_state_t *e =
+        h->type >= MSG_PREPARE && h->type <= MSG_COMMIT ? epoch_get(c, h->epoch) : NULL;
     if (e)
       on_agreement(c, from, h->type, e, payload, h->len);
   }
@@ -738,8 +739,7 @@ mc_status_t mc_ctrl_create(int rank, int size, uint64_t secret, bool loopback, m
   what = "cannot listen on a TCP port";
   inet_pton(AF_INET, ip, &sa.sin_addr);
   if ((c->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0 ||
-      bind(c->listen_fd, (struct sockaddr *)&sa, sizeof sa) ||
-      listen(c->listen_fd, SOMAXCONN) ||
+      bind(c->listen_fd, (struct sockaddr *)&sa, sizeof sa) || listen(c->listen_fd, SOMAXCONN) ||
       getsockname(c->listen_fd, (struct sockaddr *)&sa, &slen))
     goto fail;
   what = "cannot create the control thread";

@@ -15,9 +15,9 @@
 
 typedef struct {
   char text[160];
-  int rank;     /* -1: any */
-  char op[32];  /* "": any */
-  int64_t seq;  /* -1: any */
+  int rank;    /* -1: any */
+  char op[32]; /* "": any */
+  int64_t seq; /* -1: any */
   char phase[16];
   char action[16];
   int delay_ms;

@@ -99,7 +99,7 @@ struct mc_comm {
   int *rank_of;    /* rank of each lineage rank, -1 if not a member */
   int lineage_size;
   bool all_local;
-  char want_provider[32]; /* "" = auto */
+  char want_provider[32];  /* "" = auto */
   mc_transport_t *standby; /* the endpoint a shrink will use, opened in the background */
   pthread_t standby_thread;
   bool standby_running;

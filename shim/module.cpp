@@ -16,7 +16,19 @@ PYBIND11_MODULE(_C, m) {
   py::class_<mooncake::MooncakeBackend, c10d::Backend,
              c10::intrusive_ptr<mooncake::MooncakeBackend>>(m, "MooncakeBackend")
       .def("transport", &mooncake::MooncakeBackend::transport,
-           "Transport provider the communicator uses (e.g. \"shm\", \"tcp\").");
+           "Transport provider the communicator uses (e.g. \"shm\", \"tcp\").")
+      .def("failed_ranks", &mooncake::MooncakeBackend::failedRanks,
+           "Ranks of this group known to have failed.")
+      .def("parent_ranks", &mooncake::MooncakeBackend::parentRanks,
+           "For a shrunk backend: each rank's rank in the group it was shrunk from.")
+      .def(
+          "shrink_agreed",
+          [](mooncake::MooncakeBackend &self) {
+            return c10::static_intrusive_pointer_cast<mooncake::MooncakeBackend>(
+                self.shrink({}, 0, nullptr));
+          },
+          "Shrinks to the survivors the ranks agree on (collective over the survivors).",
+          py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "_create_backend",

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 
 namespace mooncake {
 namespace {
@@ -363,6 +364,16 @@ MooncakeBackend::MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, i
   completer_->start();
 }
 
+MooncakeBackend::MooncakeBackend(const MooncakeBackend &parent, mc_comm_t *comm)
+    : c10d::Backend(mc_comm_rank(comm), mc_comm_size(comm)), store_(parent.store_),
+      name_(parent.name_), options_(c10::make_intrusive<Options>(parent.options_->timeout)),
+      comm_(comm) {
+  init();
+  options_->group_name = parent.options_->group_name;
+  completer_ = std::make_shared<Completer>();
+  completer_->start();
+}
+
 MooncakeBackend::~MooncakeBackend() { shutdown(); }
 
 std::string MooncakeBackend::what(const char *op) const {
@@ -424,6 +435,44 @@ void MooncakeBackend::shutdown() {
   if (completer_) {
     completer_->stop(); // completes the queued works, then ends the thread
   }
+}
+
+c10::intrusive_ptr<c10d::Backend>
+MooncakeBackend::shrink(const std::vector<int64_t> &ranks_to_exclude, int /*shrink_flags*/,
+                        const c10::intrusive_ptr<c10d::Backend::Options> & /*opts_override*/) {
+  WithoutGil noGil; // the agreement waits on peers
+  std::vector<int> exclude(ranks_to_exclude.begin(), ranks_to_exclude.end());
+  mc_comm_t *comm = nullptr;
+  mc_comm_t *shrunk = nullptr;
+  {
+    std::lock_guard<std::mutex> g(commMu_);
+    comm = comm_;
+  }
+  TORCH_CHECK(comm != nullptr, what("shrink"), ": backend has been shut down");
+  // Pending operations on the parent cannot complete with a member gone: fail them now.
+  mc_status_t st = mc_comm_shrink(comm, exclude.data(), static_cast<int>(exclude.size()), &shrunk);
+  if (st != MC_OK) {
+    const char *why = mc_last_error();
+    C10_THROW_ERROR(DistBackendError, what("shrink") + " failed: " +
+                                          (why != nullptr && *why ? why : mc_status_str(st)));
+  }
+  auto child = c10::make_intrusive<MooncakeBackend>(*this, shrunk);
+  std::map<int, int> parentOf; // origin rank -> rank in this group
+  for (int r = 0; r < size_; r++) {
+    parentOf[mc_comm_origin_rank(comm, r)] = r;
+  }
+  for (int r = 0; r < mc_comm_size(shrunk); r++) {
+    child->parentRanks_.push_back(parentOf[mc_comm_origin_rank(shrunk, r)]);
+  }
+  return child;
+}
+
+std::vector<int64_t> MooncakeBackend::failedRanks() {
+  std::lock_guard<std::mutex> g(commMu_);
+  TORCH_CHECK(comm_ != nullptr, what("failed_ranks"), ": backend has been shut down");
+  std::vector<int> ranks(static_cast<size_t>(size_));
+  int n = mc_comm_failed_ranks(comm_, ranks.data(), size_);
+  return {ranks.begin(), ranks.begin() + std::min(n, size_)};
 }
 
 std::string MooncakeBackend::transport() {

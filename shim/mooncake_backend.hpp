@@ -96,6 +96,8 @@ public:
   // the timeout passes). Call without the GIL.
   MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, int rank, int size,
                   std::chrono::milliseconds timeout, const std::string &groupName);
+  // Adopts a communicator made by mc_comm_shrink of `parent`'s.
+  MooncakeBackend(const MooncakeBackend &parent, mc_comm_t *comm);
   ~MooncakeBackend() override;
 
   const std::string getBackendName() const override { return "mooncake"; }
@@ -104,6 +106,16 @@ public:
   void abort() override;
   void shutdown() override;
   std::string transport();
+
+  // Fault tolerance (docs/fault-tolerance.md).
+  bool supportsShrinking() const override { return true; }
+  // Empty ranks_to_exclude: the survivors agree on who failed (mooncake.shrink).
+  c10::intrusive_ptr<c10d::Backend>
+  shrink(const std::vector<int64_t> &ranks_to_exclude, int shrink_flags = 0,
+         const c10::intrusive_ptr<c10d::Backend::Options> &opts_override = nullptr) override;
+  std::vector<int64_t> failedRanks();
+  // For a shrunk backend: the rank each of its ranks had in the group it was shrunk from.
+  const std::vector<int64_t> &parentRanks() const { return parentRanks_; }
 
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor> &tensors,
                                            const c10d::BroadcastOptions &opts) override;
@@ -143,6 +155,7 @@ private:
   std::mutex commMu_; // guards comm_ against shutdown while ops are issued
   mc_comm_t *comm_ = nullptr;
   std::shared_ptr<Completer> completer_;
+  std::vector<int64_t> parentRanks_;
 };
 
 } // namespace mooncake

@@ -32,7 +32,7 @@ struct mc_transport {
   fi_addr_t *peers;
   int *peer_keys; /* each peer's doorbell key, from the tail of its address */
   int npeers;
-  int key; /* this endpoint's doorbell key (params.rank) */
+  int key;      /* this endpoint's doorbell key (params.rank) */
   int cq_fd;    /* -1: provider has no wait fd; use the doorbell */
   int doorbell; /* datagram socket, or -1 */
   uint64_t comm_id;

@@ -65,3 +65,67 @@ def _autoload():
 
 if not _torch_is_importing():
     _register_c10d_backend()
+
+
+# ---- fault tolerance (docs/fault-tolerance.md) ----
+
+
+def _mooncake_backend(group):
+    import torch
+    import torch.distributed as dist
+
+    from . import _C
+
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    backend = pg._get_backend(torch.device("cpu"))
+    if not isinstance(backend, _C.MooncakeBackend):
+        raise TypeError(f"group {pg.group_name!r} does not use the mooncake backend")
+    return pg, backend
+
+
+def failed_ranks(group=None) -> list:
+    """Ranks of ``group`` (default: the default group) known to have failed, in group ranks."""
+    return list(_mooncake_backend(group)[1].failed_ranks())
+
+
+def shrink(group=None):
+    """Collective over the surviving ranks of ``group``: they agree on who failed, then build a
+    new group of the survivors (renumbered in rank order) without the store. Callers need not
+    know who died. Like ``torch.distributed.shrink_group``, the old group is destroyed and, if
+    it was the default group, the new one becomes the default group (other groups are
+    destroyed). Raises ``DistBackendError`` if this rank was declared failed by the others."""
+    from torch.distributed import distributed_c10d as c10d
+
+    pg, backend = _mooncake_backend(group)
+    info = c10d._prepare_shrink_target_group(pg)
+    new_backend = backend.shrink_agreed()
+    kept = set(new_backend.parent_ranks())
+    members = c10d.get_process_group_ranks(pg)
+    excluded = {members[r] for r in range(len(members)) if r not in kept}
+    # torch's finalisation clones the store connection for the new group, which blocks when
+    # the store's host died (e.g. rank 0 hosting a TCPStore): the new group shares the old
+    # connection instead, so the shrink itself never needs the store.
+    create = c10d._create_shrunk_process_group
+
+    def create_sharing_store(new_backend, remaining_ranks, metadata, is_default_group):
+        metadata = dict(metadata, store=_SameStore(metadata["store"]))
+        return create(new_backend, remaining_ranks, metadata, is_default_group)
+
+    c10d._create_shrunk_process_group = create_sharing_store
+    try:
+        return c10d._finalize_shrunk_group(info, excluded, new_backend)
+    finally:
+        c10d._create_shrunk_process_group = create
+
+
+class _SameStore:
+    """Stands in for a store whose clone() must not open a new connection."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def clone(self):
+        return self._store
+
+
+__all__ += ["failed_ranks", "shrink"]

@@ -24,8 +24,9 @@ def _entry(fn, rank, world, store_path, args, results):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world, timeout, *args):
-    """Returns [result of rank 0, ..., rank world-1]; raises AssertionError on failure/timeout."""
+def run_ranks(fn, world, timeout, *args, may_die=()):
+    """Returns [result of rank 0, ..., rank world-1]; raises AssertionError on failure/timeout.
+    Ranks in ``may_die`` are killed on purpose: their result is None if they never report."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,14 +38,19 @@ def run_ranks(fn, world, timeout, *args):
         deadline = time.monotonic() + timeout
         got = {}
         try:
-            while len(got) < world:
+            def pending():  # ranks still expected to report
+                return [r for r in range(world)
+                        if r not in got and (r not in may_die or procs[r].is_alive())]
+
+            while pending():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 try:
                     rank, ok, value = results.get(timeout=min(left, 1.0))
                 except queue.Empty:
-                    if all(not p.is_alive() for p in procs) and results.empty():
+                    if all(not p.is_alive() for r, p in enumerate(procs)
+                           if r not in got) and results.empty():
                         break  # a rank died without reporting (crash)
                     continue
                 got[rank] = (ok, value)
@@ -55,10 +61,10 @@ def run_ranks(fn, world, timeout, *args):
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-    missing = [r for r in range(world) if r not in got]
-    exitcodes = [p.exitcode for p in procs]
+    missing = [r for r in range(world) if r not in got and r not in may_die]
+    exitcodes = [p.exitcode for r, p in enumerate(procs) if r not in may_die]
     assert not missing, f"ranks {missing} did not finish within {timeout}s (exit codes {exitcodes})"
     errors = {r: v for r, (ok, v) in got.items() if not ok}
     assert not errors, "\n".join(f"--- rank {r} raised:\n{tb}" for r, tb in sorted(errors.items()))
     assert all(c == 0 for c in exitcodes), f"rank exit codes {exitcodes}"
-    return [got[r][1] for r in range(world)]
+    return [got[r][1] if r in got else None for r in range(world)]

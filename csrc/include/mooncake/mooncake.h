@@ -107,6 +107,9 @@ int mc_comm_failed_ranks(mc_comm_t *comm, int *ranks, int max);
  * renumbered in rank order, without the store. A member that fails during the call leaves the
  * new communicator revoked (shrink it again); the old one stays valid until destroyed. */
 mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t **out);
+/* The rank that `rank` of this communicator had in the communicator its lineage was created
+ * as (mc_comm_create); lets callers map ranks across shrinks. */
+int mc_comm_origin_rank(const mc_comm_t *comm, int rank);
 
 /* Collectives. in == out is allowed (in place). count may be 0. */
 mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
