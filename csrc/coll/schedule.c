@@ -33,9 +33,10 @@ static void describe_signature(uint64_t sig, char *out, size_t len) {
   int kind = sig & 0xf, dtype = (sig >> 4) & 0x1f, redop = (sig >> 9) & 0xf;
   int root = (int)((sig >> 14) & 0x7fff);
   unsigned long long count = sig >> 29;
-  int n = kind == MC_OP_ALLTOALLV /* sizes per peer: not in the signature */
-              ? snprintf(out, len, "%s of %s", mc_op_name(kind), mc_dtype_name(dtype))
-              : snprintf(out, len, "%s of %llu x %s", mc_op_name(kind), count, mc_dtype_name(dtype));
+  int n =
+      kind == MC_OP_ALLTOALLV /* sizes per peer: not in the signature */
+          ? snprintf(out, len, "%s of %s", mc_op_name(kind), mc_dtype_name(dtype))
+          : snprintf(out, len, "%s of %llu x %s", mc_op_name(kind), count, mc_dtype_name(dtype));
   if (n < 0 || (size_t)n >= len)
     return;
   if (reduces(kind))
