@@ -34,6 +34,11 @@ const char *mc_op_name(mc_op_kind_t kind) {
   case MC_OP_RECV: return "recv";
   case MC_OP_CONNECT: return "connect";
   case MC_OP_REDUCE_SCATTER: return "reduce_scatter";
+  case MC_OP_REDUCE: return "reduce";
+  case MC_OP_GATHER: return "gather";
+  case MC_OP_SCATTER: return "scatter";
+  case MC_OP_ALLTOALL: return "alltoall";
+  case MC_OP_ALLTOALLV: return "alltoallv";
   }
   return "op";
 }
@@ -479,7 +484,7 @@ static mc_status_t check_common(mc_comm_t *comm, mc_request_t **req, mc_dtype_t 
 static mc_status_t check_buffer(mc_comm_t *comm, const void *buf, size_t count, const char *op) {
   if (count && !buf)
     return fail(MC_ERR_INVALID, "rank %d: %s: null buffer", comm->rank, op);
-  if (count > ((size_t)1 << 36)) /* the signature carries 36 bits of count */
+  if (count > ((size_t)1 << 35)) /* the signature carries 35 bits of count */
     return fail(MC_ERR_INVALID, "rank %d: %s: count %zu too large", comm->rank, op, count);
   return MC_OK;
 }
@@ -487,6 +492,9 @@ static mc_status_t check_buffer(mc_comm_t *comm, const void *buf, size_t count, 
 static mc_status_t check_redop(mc_comm_t *comm, mc_dtype_t dtype, mc_redop_t op, const char *what) {
   if ((unsigned)op >= MC_REDOP_COUNT)
     return fail(MC_ERR_INVALID, "rank %d: %s: unknown reduce op %d", comm->rank, what, (int)op);
+  if (op == MC_PREMUL_SUM)
+    return fail(MC_ERR_INVALID, "rank %d: %s: premul_sum needs a factor: use mc_%s_premul",
+                comm->rank, what, what);
   if (mc_reduce_supported(dtype, op) != MC_OK)
     return fail(MC_ERR_UNSUPPORTED, "rank %d: %s: %s is not supported for %s", comm->rank, what,
                 mc_redop_name(op), mc_dtype_name(dtype));
@@ -521,44 +529,230 @@ static mc_request_t *new_request(mc_comm_t *comm, mc_op_kind_t kind) {
   return r;
 }
 
-mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
-                         mc_redop_t op, mc_request_t **req) {
+static mc_status_t check_root(mc_comm_t *comm, int root, const char *op) {
+  if (root < 0 || root >= comm->size)
+    return fail(MC_ERR_INVALID, "rank %d: %s: root %d out of range (size %d)", comm->rank, op, root,
+                comm->size);
+  return MC_OK;
+}
+
+/* Rejects a and b overlapping: the algorithms read one while they write the other. */
+static mc_status_t check_apart(mc_comm_t *comm, const void *a, size_t a_bytes, const void *b,
+                               size_t b_bytes, const char *op) {
+  if (a_bytes && b_bytes && (const char *)a < (const char *)b + b_bytes &&
+      (const char *)b < (const char *)a + a_bytes)
+    return fail(MC_ERR_INVALID, "rank %d: %s: out overlaps in (not supported in place)", comm->rank,
+                op);
+  return MC_OK;
+}
+
+/* Validates a reducing call with `op`, or with premul_sum when premul is set. */
+static mc_status_t check_reduction(mc_comm_t *comm, mc_dtype_t dtype, mc_redop_t op, bool premul,
+                                   const char *what) {
+  if (!premul)
+    return check_redop(comm, dtype, op, what);
+  if (mc_reduce_supported(dtype, MC_PREMUL_SUM) != MC_OK)
+    return fail(MC_ERR_UNSUPPORTED, "rank %d: %s: premul_sum is not supported for %s", comm->rank,
+                what, mc_dtype_name(dtype));
+  return MC_OK;
+}
+
+static mc_status_t allreduce(mc_comm_t *comm, const void *in, void *out, size_t count,
+                             mc_dtype_t dtype, mc_redop_t op, bool premul, double factor,
+                             mc_request_t **req) {
   mc_status_t st = check_common(comm, req, dtype, "allreduce");
   if (st == MC_OK)
     st = check_buffer(comm, in, count, "allreduce");
   if (st == MC_OK)
     st = check_buffer(comm, out, count, "allreduce");
   if (st == MC_OK)
-    st = check_redop(comm, dtype, op, "allreduce");
+    st = check_reduction(comm, dtype, op, premul, "allreduce");
   if (st != MC_OK)
     return st;
   mc_request_t *r = new_request(comm, MC_OP_ALLREDUCE);
   if (!r)
     return MC_ERR_NOMEM;
-  r->in = in, r->out = out, r->count = count, r->dtype = dtype, r->redop = op;
+  r->in = in, r->out = out, r->count = count, r->dtype = dtype;
+  r->redop = premul ? MC_PREMUL_SUM : op, r->factor = factor;
   return submit(comm, r, req);
 }
 
-mc_status_t mc_reduce_scatter(mc_comm_t *comm, const void *in, void *out, size_t count,
-                              mc_dtype_t dtype, mc_redop_t op, mc_request_t **req) {
+mc_status_t mc_allreduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                         mc_redop_t op, mc_request_t **req) {
+  return allreduce(comm, in, out, count, dtype, op, false, 1.0, req);
+}
+
+mc_status_t mc_allreduce_premul(mc_comm_t *comm, const void *in, void *out, size_t count,
+                                mc_dtype_t dtype, double factor, mc_request_t **req) {
+  return allreduce(comm, in, out, count, dtype, MC_SUM, true, factor, req);
+}
+
+static mc_status_t reduce_scatter(mc_comm_t *comm, const void *in, void *out, size_t count,
+                                  mc_dtype_t dtype, mc_redop_t op, bool premul, double factor,
+                                  mc_request_t **req) {
   mc_status_t st = check_common(comm, req, dtype, "reduce_scatter");
   if (st == MC_OK)
     st = check_buffer(comm, out, count, "reduce_scatter");
   if (st == MC_OK) /* in holds size * count; check_buffer bounds count first */
     st = check_buffer(comm, in, count ? count * (size_t)comm->size : 0, "reduce_scatter");
   if (st == MC_OK)
-    st = check_redop(comm, dtype, op, "reduce_scatter");
-  size_t esz = mc_dtype_size(dtype), total = count * (size_t)comm->size * esz;
-  if (st == MC_OK && count && (const char *)out < (const char *)in + total &&
-      (const char *)in < (const char *)out + count * esz)
-    st = fail(MC_ERR_INVALID, "rank %d: reduce_scatter: out overlaps in (not supported in place)",
-              comm->rank);
+    st = check_reduction(comm, dtype, op, premul, "reduce_scatter");
+  size_t esz = mc_dtype_size(dtype);
+  if (st == MC_OK)
+    st =
+        check_apart(comm, in, count * (size_t)comm->size * esz, out, count * esz, "reduce_scatter");
   if (st != MC_OK)
     return st;
   mc_request_t *r = new_request(comm, MC_OP_REDUCE_SCATTER);
   if (!r)
     return MC_ERR_NOMEM;
-  r->in = in, r->out = out, r->count = count, r->dtype = dtype, r->redop = op;
+  r->in = in, r->out = out, r->count = count, r->dtype = dtype;
+  r->redop = premul ? MC_PREMUL_SUM : op, r->factor = factor;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_reduce_scatter(mc_comm_t *comm, const void *in, void *out, size_t count,
+                              mc_dtype_t dtype, mc_redop_t op, mc_request_t **req) {
+  return reduce_scatter(comm, in, out, count, dtype, op, false, 1.0, req);
+}
+
+mc_status_t mc_reduce_scatter_premul(mc_comm_t *comm, const void *in, void *out, size_t count,
+                                     mc_dtype_t dtype, double factor, mc_request_t **req) {
+  return reduce_scatter(comm, in, out, count, dtype, MC_SUM, true, factor, req);
+}
+
+static mc_status_t reduce(mc_comm_t *comm, const void *in, void *out, size_t count,
+                          mc_dtype_t dtype, mc_redop_t op, bool premul, double factor, int root,
+                          mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, dtype, "reduce");
+  if (st == MC_OK)
+    st = check_buffer(comm, in, count, "reduce");
+  if (st == MC_OK)
+    st = check_root(comm, root, "reduce");
+  if (st == MC_OK && comm->rank == root)
+    st = check_buffer(comm, out, count, "reduce");
+  if (st == MC_OK)
+    st = check_reduction(comm, dtype, op, premul, "reduce");
+  if (st != MC_OK)
+    return st;
+  mc_request_t *r = new_request(comm, MC_OP_REDUCE);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = in, r->out = comm->rank == root ? out : NULL, r->count = count, r->dtype = dtype;
+  r->redop = premul ? MC_PREMUL_SUM : op, r->factor = factor, r->root = root;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_reduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                      mc_redop_t op, int root, mc_request_t **req) {
+  return reduce(comm, in, out, count, dtype, op, false, 1.0, root, req);
+}
+
+mc_status_t mc_reduce_premul(mc_comm_t *comm, const void *in, void *out, size_t count,
+                             mc_dtype_t dtype, double factor, int root, mc_request_t **req) {
+  return reduce(comm, in, out, count, dtype, MC_SUM, true, factor, root, req);
+}
+
+/* gather and scatter: the size * count buffer (gather's out, scatter's in) is the root's. */
+static mc_status_t rooted(mc_comm_t *comm, mc_op_kind_t kind, const void *in, void *out,
+                          size_t count, mc_dtype_t dtype, int root, mc_request_t **req) {
+  const char *op = mc_op_name(kind);
+  const bool gather = kind == MC_OP_GATHER;
+  mc_status_t st = check_common(comm, req, dtype, op);
+  if (st == MC_OK)
+    st = check_root(comm, root, op);
+  if (st == MC_OK)
+    st = check_buffer(comm, gather ? in : out, count, op);
+  if (st == MC_OK && comm->rank == root)
+    st = check_buffer(comm, gather ? out : in, count ? count * (size_t)comm->size : 0, op);
+  if (st != MC_OK)
+    return st;
+  mc_request_t *r = new_request(comm, kind);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = in, r->out = out, r->count = count, r->dtype = dtype, r->root = root;
+  if (comm->rank != root && gather)
+    r->out = NULL;
+  if (comm->rank != root && !gather)
+    r->in = NULL;
+  return submit(comm, r, req);
+}
+
+mc_status_t mc_gather(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                      int root, mc_request_t **req) {
+  return rooted(comm, MC_OP_GATHER, in, out, count, dtype, root, req);
+}
+
+mc_status_t mc_scatter(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                       int root, mc_request_t **req) {
+  return rooted(comm, MC_OP_SCATTER, in, out, count, dtype, root, req);
+}
+
+mc_status_t mc_alltoall(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                        mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, dtype, "alltoall");
+  size_t total = count ? count * (size_t)comm->size : 0;
+  if (st == MC_OK)
+    st = check_buffer(comm, in, total, "alltoall");
+  if (st == MC_OK)
+    st = check_buffer(comm, out, total, "alltoall");
+  if (st == MC_OK)
+    st = check_apart(comm, in, total * mc_dtype_size(dtype), out, total * mc_dtype_size(dtype),
+                     "alltoall");
+  if (st != MC_OK)
+    return st;
+  mc_request_t *r = new_request(comm, MC_OP_ALLTOALL);
+  if (!r)
+    return MC_ERR_NOMEM;
+  r->in = in, r->out = out, r->count = count, r->dtype = dtype;
+  return submit(comm, r, req);
+}
+
+/* Elements spanned by (counts, displs): the end of the furthest non-empty block. */
+static size_t extent(const size_t *counts, const size_t *displs, int n) {
+  size_t end = 0;
+  for (int i = 0; i < n; i++)
+    if (counts[i] && displs[i] + counts[i] > end)
+      end = displs[i] + counts[i];
+  return end;
+}
+
+mc_status_t mc_alltoallv(mc_comm_t *comm, const void *in, const size_t *send_counts,
+                         const size_t *send_displs, void *out, const size_t *recv_counts,
+                         const size_t *recv_displs, mc_dtype_t dtype, mc_request_t **req) {
+  mc_status_t st = check_common(comm, req, dtype, "alltoallv");
+  if (st != MC_OK)
+    return st;
+  const int n = comm->size;
+  if (!send_counts || !send_displs || !recv_counts || !recv_displs)
+    return fail(MC_ERR_INVALID, "rank %d: alltoallv: null count or displacement array", comm->rank);
+  const size_t limit = (size_t)1 << 40; /* keeps displ + count from wrapping */
+  for (int i = 0; i < n && st == MC_OK; i++) {
+    st = check_buffer(comm, in, send_counts[i], "alltoallv");
+    if (st == MC_OK)
+      st = check_buffer(comm, out, recv_counts[i], "alltoallv");
+    if (st == MC_OK && (send_displs[i] > limit || recv_displs[i] > limit))
+      st = fail(MC_ERR_INVALID, "rank %d: alltoallv: displacement for rank %d too large",
+                comm->rank, i);
+  }
+  size_t esz = mc_dtype_size(dtype);
+  if (st == MC_OK)
+    st = check_apart(comm, in, extent(send_counts, send_displs, n) * esz, out,
+                     extent(recv_counts, recv_displs, n) * esz, "alltoallv");
+  if (st != MC_OK)
+    return st;
+  size_t *copy = malloc(4 * (size_t)n * sizeof *copy);
+  if (!copy)
+    return fail(MC_ERR_NOMEM, "rank %d: alltoallv: out of memory", comm->rank);
+  const size_t *arrays[4] = {send_counts, send_displs, recv_counts, recv_displs};
+  for (int a = 0; a < 4; a++)
+    memcpy(copy + (size_t)a * n, arrays[a], n * sizeof *copy);
+  mc_request_t *r = new_request(comm, MC_OP_ALLTOALLV);
+  if (!r) {
+    free(copy);
+    return MC_ERR_NOMEM;
+  }
+  r->in = in, r->out = out, r->dtype = dtype, r->vcounts = copy;
   return submit(comm, r, req);
 }
 
@@ -585,9 +779,8 @@ mc_status_t mc_broadcast(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dt
     st = check_buffer(comm, buf, count, "broadcast");
   if (st != MC_OK)
     return st;
-  if (root < 0 || root >= comm->size)
-    return fail(MC_ERR_INVALID, "rank %d: broadcast: root %d out of range (size %d)", comm->rank,
-                root, comm->size);
+  if ((st = check_root(comm, root, "broadcast")) != MC_OK)
+    return st;
   mc_request_t *r = new_request(comm, MC_OP_BROADCAST);
   if (!r)
     return MC_ERR_NOMEM;

@@ -26,6 +26,11 @@ typedef enum {
   MC_OP_RECV,
   MC_OP_CONNECT, /* wire-up at creation: each rank greets every lower rank */
   MC_OP_REDUCE_SCATTER,
+  MC_OP_REDUCE,
+  MC_OP_GATHER,
+  MC_OP_SCATTER,
+  MC_OP_ALLTOALL,
+  MC_OP_ALLTOALLV, /* 13; the signature has 4 bits for the kind */
 } mc_op_kind_t;
 
 const char *mc_op_name(mc_op_kind_t kind);
@@ -68,6 +73,8 @@ struct mc_request {
   mc_redop_t redop;
   int root;
   int peer;
+  double factor;   /* PREMUL_SUM */
+  size_t *vcounts; /* alltoallv: send counts, send displs, recv counts, recv displs (size each) */
   uint64_t signature; /* what every rank must agree on; travels as remote CQ data */
   int64_t deadline_ns;
 

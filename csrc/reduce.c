@@ -104,7 +104,10 @@ typedef void (*scale_fn)(void *buf, size_t count, int divisor);
   DEFINE_REDUCE(tag##_sum, T, OP_WRAP_ADD(U))                                                      \
   DEFINE_REDUCE(tag##_prod, T, OP_WRAP_MUL(U))                                                     \
   DEFINE_REDUCE(tag##_min, T, OP_MIN)                                                              \
-  DEFINE_REDUCE(tag##_max, T, OP_MAX)
+  DEFINE_REDUCE(tag##_max, T, OP_MAX)                                                              \
+  DEFINE_REDUCE(tag##_band, T, a &b)                                                               \
+  DEFINE_REDUCE(tag##_bor, T, a | b)                                                               \
+  DEFINE_REDUCE(tag##_bxor, T, a ^ b)
 
 #define DEFINE_FLOAT_REDUCES(tag, T)                                                               \
   DEFINE_REDUCE(tag##_sum, T, OP_ADD)                                                              \
@@ -230,22 +233,54 @@ DEFINE_INT_REDUCES(i64, int64_t, uint64_t)
 DEFINE_INT_REDUCES(u8, uint8_t, uint8_t)
 DEFINE_REDUCE(bool_or, uint8_t, OP_OR)
 DEFINE_REDUCE(bool_and, uint8_t, OP_AND)
+DEFINE_REDUCE(bool_xor, uint8_t, (a != 0) ^ (b != 0))
 
-/* Columns follow mc_redop_t: SUM, AVG (summed here, divided by the caller), PRODUCT, MIN, MAX. */
-#define REDUCE_ROW(tag)                                                                            \
-  { tag##_sum, tag##_sum, tag##_prod, tag##_min, tag##_max }
+/* Complex numbers are (real, imag) pairs: a sum is a sum of twice as many reals; a product is
+ * written out (no C99 _Complex, whose Annex G NaN/inf recovery torch does not do). */
+#define DEFINE_COMPLEX_REDUCES(tag, real_tag, T)                                                   \
+  static void tag##_sum(void *dst, const void *src, size_t count) {                                \
+    real_tag##_sum(dst, src, 2 * count);                                                           \
+  }                                                                                                \
+  static void tag##_prod(void *dst_, const void *src_, size_t count) {                             \
+    T *restrict dst = dst_;                                                                        \
+    const T *restrict src = src_;                                                                  \
+    for (size_t i = 0; i < count; i++) {                                                           \
+      T a = dst[2 * i], b = dst[2 * i + 1], c = src[2 * i], d = src[2 * i + 1];                    \
+      dst[2 * i] = a * c - b * d;                                                                  \
+      dst[2 * i + 1] = a * d + b * c;                                                              \
+    }                                                                                              \
+  }
+
+DEFINE_COMPLEX_REDUCES(c64, f32, float)
+DEFINE_COMPLEX_REDUCES(c128, f64, double)
+
+/* Columns follow mc_redop_t: SUM, AVG (summed here, divided by the caller), PRODUCT, MIN, MAX,
+ * BAND, BOR, BXOR, PREMUL_SUM (summed here, inputs scaled by mc_premul first). NULL: not
+ * supported. */
+#define FLOAT_ROW(tag)                                                                             \
+  { tag##_sum, tag##_sum, tag##_prod, tag##_min, tag##_max, NULL, NULL, NULL, tag##_sum }
+#define INT_ROW(tag)                                                                               \
+  {                                                                                                \
+    tag##_sum, tag##_sum, tag##_prod, tag##_min, tag##_max, tag##_band, tag##_bor, tag##_bxor,     \
+        NULL                                                                                       \
+  }
+#define COMPLEX_ROW(tag)                                                                           \
+  { tag##_sum, tag##_sum, tag##_prod }
 static const reduce_fn reduce_table[MC_DTYPE_COUNT][MC_REDOP_COUNT] = {
-    [MC_FLOAT32] = REDUCE_ROW(f32),
-    [MC_FLOAT64] = REDUCE_ROW(f64),
-    [MC_FLOAT16] = REDUCE_ROW(f16),
-    [MC_BFLOAT16] = REDUCE_ROW(bf16),
-    [MC_INT8] = REDUCE_ROW(i8),
-    [MC_INT16] = REDUCE_ROW(i16),
-    [MC_INT32] = REDUCE_ROW(i32),
-    [MC_INT64] = REDUCE_ROW(i64),
-    [MC_UINT8] = REDUCE_ROW(u8),
-    /* bool: SUM and MAX are logical OR, PRODUCT and MIN logical AND. */
-    [MC_BOOL] = {bool_or, bool_or, bool_and, bool_and, bool_or},
+    [MC_FLOAT32] = FLOAT_ROW(f32),
+    [MC_FLOAT64] = FLOAT_ROW(f64),
+    [MC_FLOAT16] = FLOAT_ROW(f16),
+    [MC_BFLOAT16] = FLOAT_ROW(bf16),
+    [MC_INT8] = INT_ROW(i8),
+    [MC_INT16] = INT_ROW(i16),
+    [MC_INT32] = INT_ROW(i32),
+    [MC_INT64] = INT_ROW(i64),
+    [MC_UINT8] = INT_ROW(u8),
+    /* bool: SUM, MAX and BOR are logical OR, PRODUCT, MIN and BAND logical AND. */
+    [MC_BOOL] = {bool_or, bool_or, bool_and, bool_and, bool_or, bool_and, bool_or, bool_xor, NULL},
+    [MC_COMPLEX64] = COMPLEX_ROW(c64),
+    [MC_COMPLEX128] = COMPLEX_ROW(c128),
+    /* float8 types: no reductions */
 };
 
 #define DEFINE_SCALE_FLOAT(name, T)                                                                \
@@ -298,12 +333,47 @@ static void i64_div(void *buf_, size_t count, int divisor) {
     buf[i] /= divisor;
 }
 
+/* A complex number divided by a real one: each part on its own. */
+static void c64_div(void *buf, size_t count, int divisor) { f32_div(buf, 2 * count, divisor); }
+static void c128_div(void *buf, size_t count, int divisor) { f64_div(buf, 2 * count, divisor); }
+
 static const scale_fn scale_table[MC_DTYPE_COUNT] = {
-    [MC_FLOAT32] = f32_div,   [MC_FLOAT64] = f64_div, [MC_FLOAT16] = f16_div,
-    [MC_BFLOAT16] = bf16_div, [MC_INT8] = i8_div,     [MC_INT16] = i16_div,
-    [MC_INT32] = i32_div,     [MC_INT64] = i64_div,   [MC_UINT8] = u8_div,
-    [MC_BOOL] = NULL, /* AVG is unsupported for bool */
+    [MC_FLOAT32] = f32_div,   [MC_FLOAT64] = f64_div,     [MC_FLOAT16] = f16_div,
+    [MC_BFLOAT16] = bf16_div, [MC_INT8] = i8_div,         [MC_INT16] = i16_div,
+    [MC_INT32] = i32_div,     [MC_INT64] = i64_div,       [MC_UINT8] = u8_div,
+    [MC_COMPLEX64] = c64_div, [MC_COMPLEX128] = c128_div,
+    /* bool and float8: AVG is unsupported */
 };
+
+/* PREMUL_SUM's scaling, dst[i] = src[i] * factor; dst may equal src. As torch's `t * factor`,
+ * float32 and the 16-bit types multiply in float32, float64 in double. */
+static void f32_premul(void *dst_, const void *src_, size_t count, double factor) {
+  float *dst = dst_, f = (float)factor;
+  const float *src = src_;
+  for (size_t i = 0; i < count; i++)
+    dst[i] = src[i] * f;
+}
+
+static void f64_premul(void *dst_, const void *src_, size_t count, double factor) {
+  double *dst = dst_;
+  const double *src = src_;
+  for (size_t i = 0; i < count; i++)
+    dst[i] = src[i] * factor;
+}
+
+static void half_premul(half_codec codec, void *dst_, const void *src_, size_t count,
+                        double factor) {
+  uint16_t *dst = dst_;
+  const uint16_t *src = src_;
+  float f = (float)factor, x[HALF_BLOCK];
+  for (size_t base = 0; base < count; base += HALF_BLOCK) {
+    size_t n = count - base < HALF_BLOCK ? count - base : HALF_BLOCK;
+    codec.widen(x, src + base, n);
+    for (size_t i = 0; i < n; i++)
+      x[i] *= f;
+    codec.narrow(dst + base, x, n);
+  }
+}
 
 /* Enums may be signed or unsigned; the unsigned compare rejects negatives either way. */
 static int dtype_valid(mc_dtype_t t) { return (unsigned)t < (unsigned)MC_DTYPE_COUNT; }
@@ -312,7 +382,20 @@ static int redop_valid(mc_redop_t op) { return (unsigned)op < (unsigned)MC_REDOP
 void mc_reduce_local(void *dst, const void *src, size_t count, mc_dtype_t dtype, mc_redop_t op) {
   if (count == 0 || !dtype_valid(dtype) || !redop_valid(op))
     return;
-  reduce_table[dtype][op](dst, src, count);
+  if (reduce_table[dtype][op])
+    reduce_table[dtype][op](dst, src, count);
+}
+
+void mc_premul(void *dst, const void *src, size_t count, mc_dtype_t dtype, double factor) {
+  if (count == 0)
+    return;
+  switch (dtype) {
+  case MC_FLOAT32: f32_premul(dst, src, count, factor); break;
+  case MC_FLOAT64: f64_premul(dst, src, count, factor); break;
+  case MC_FLOAT16: half_premul(f16_codec(), dst, src, count, factor); break;
+  case MC_BFLOAT16: half_premul(bf16_codec(), dst, src, count, factor); break;
+  default: break;
+  }
 }
 
 void mc_scale_div(void *buf, size_t count, mc_dtype_t dtype, int divisor) {
@@ -324,26 +407,55 @@ void mc_scale_div(void *buf, size_t count, mc_dtype_t dtype, int divisor) {
 
 const char *mc_dtype_name(mc_dtype_t t) {
   static const char *const names[MC_DTYPE_COUNT] = {
-      [MC_FLOAT32] = "float32",   [MC_FLOAT64] = "float64", [MC_FLOAT16] = "float16",
-      [MC_BFLOAT16] = "bfloat16", [MC_INT8] = "int8",       [MC_INT16] = "int16",
-      [MC_INT32] = "int32",       [MC_INT64] = "int64",     [MC_UINT8] = "uint8",
+      [MC_FLOAT32] = "float32",
+      [MC_FLOAT64] = "float64",
+      [MC_FLOAT16] = "float16",
+      [MC_BFLOAT16] = "bfloat16",
+      [MC_INT8] = "int8",
+      [MC_INT16] = "int16",
+      [MC_INT32] = "int32",
+      [MC_INT64] = "int64",
+      [MC_UINT8] = "uint8",
       [MC_BOOL] = "bool",
+      [MC_COMPLEX64] = "complex64",
+      [MC_COMPLEX128] = "complex128",
+      [MC_FLOAT8_E4M3FN] = "float8_e4m3fn",
+      [MC_FLOAT8_E5M2] = "float8_e5m2",
+      [MC_FLOAT8_E4M3FNUZ] = "float8_e4m3fnuz",
+      [MC_FLOAT8_E5M2FNUZ] = "float8_e5m2fnuz",
+      [MC_FLOAT8_E8M0FNU] = "float8_e8m0fnu",
   };
   return dtype_valid(t) ? names[t] : "?";
 }
 
 const char *mc_redop_name(mc_redop_t op) {
   static const char *const names[MC_REDOP_COUNT] = {
-      [MC_SUM] = "sum", [MC_AVG] = "avg", [MC_PRODUCT] = "product",
-      [MC_MIN] = "min", [MC_MAX] = "max",
+      [MC_SUM] = "sum", [MC_AVG] = "avg",   [MC_PRODUCT] = "product",
+      [MC_MIN] = "min", [MC_MAX] = "max",   [MC_BAND] = "band",
+      [MC_BOR] = "bor", [MC_BXOR] = "bxor", [MC_PREMUL_SUM] = "premul_sum",
   };
   return redop_valid(op) ? names[op] : "?";
 }
 
 size_t mc_dtype_size(mc_dtype_t t) {
   static const size_t sizes[MC_DTYPE_COUNT] = {
-      [MC_FLOAT32] = 4, [MC_FLOAT64] = 8, [MC_FLOAT16] = 2, [MC_BFLOAT16] = 2, [MC_INT8] = 1,
-      [MC_INT16] = 2,   [MC_INT32] = 4,   [MC_INT64] = 8,   [MC_UINT8] = 1,    [MC_BOOL] = 1,
+      [MC_FLOAT32] = 4,
+      [MC_FLOAT64] = 8,
+      [MC_FLOAT16] = 2,
+      [MC_BFLOAT16] = 2,
+      [MC_INT8] = 1,
+      [MC_INT16] = 2,
+      [MC_INT32] = 4,
+      [MC_INT64] = 8,
+      [MC_UINT8] = 1,
+      [MC_BOOL] = 1,
+      [MC_COMPLEX64] = 8,
+      [MC_COMPLEX128] = 16,
+      [MC_FLOAT8_E4M3FN] = 1,
+      [MC_FLOAT8_E5M2] = 1,
+      [MC_FLOAT8_E4M3FNUZ] = 1,
+      [MC_FLOAT8_E5M2FNUZ] = 1,
+      [MC_FLOAT8_E8M0FNU] = 1,
   };
   return dtype_valid(t) ? sizes[t] : 0;
 }
@@ -351,7 +463,7 @@ size_t mc_dtype_size(mc_dtype_t t) {
 mc_status_t mc_reduce_supported(mc_dtype_t t, mc_redop_t op) {
   if (!dtype_valid(t) || !redop_valid(op))
     return MC_ERR_INVALID;
-  if (t == MC_BOOL && op == MC_AVG)
+  if (!reduce_table[t][op] || (op == MC_AVG && !scale_table[t]))
     return MC_ERR_UNSUPPORTED;
   return MC_OK;
 }

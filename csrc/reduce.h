@@ -5,13 +5,16 @@
 #include "mooncake/mooncake.h"
 
 /* dst[i] = dst[i] op src[i] for i < count. MC_AVG reduces as MC_SUM (the caller divides at the
- * end). dst and src must not overlap. An invalid dtype or op does nothing: callers validate with
- * mc_reduce_supported() first. */
+ * end), as does MC_PREMUL_SUM (inputs scaled first). dst and src must not overlap. An invalid dtype
+ * or op does nothing: callers validate with mc_reduce_supported() first. */
 void mc_reduce_local(void *dst, const void *src, size_t count, mc_dtype_t dtype, mc_redop_t op);
 
 /* buf[i] /= divisor (floats: true division done in the type's precision, 16-bit types via
  * float32; integers: C truncating division). divisor < 1 and MC_BOOL leave buf unchanged. */
 void mc_scale_div(void *buf, size_t count, mc_dtype_t dtype, int divisor);
+
+/* dst[i] = src[i] * factor for PREMUL_SUM (float types; others: nothing). dst may equal src. */
+void mc_premul(void *dst, const void *src, size_t count, mc_dtype_t dtype, double factor);
 
 /* For tests: enable = 0 makes float16 use the portable conversion even where the CPU has F16C.
  * Returns whether the hardware conversion is now in use. Call it before any reduction runs. */

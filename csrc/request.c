@@ -38,6 +38,7 @@ void mc_request_release(mc_request_t *req) {
   if (left)
     return;
   free(req->tmp);
+  free(req->vcounts);
   pthread_mutex_destroy(&req->lock);
   pthread_cond_destroy(&req->cond);
   free(req);

@@ -94,34 +94,105 @@ mc_dtype_t toDtype(const at::Tensor &t, const std::string &what) {
   case at::kLong: return MC_INT64;
   case at::kByte: return MC_UINT8;
   case at::kBool: return MC_BOOL;
+  case at::kComplexFloat: return MC_COMPLEX64;
+  case at::kComplexDouble: return MC_COMPLEX128;
+  case at::kFloat8_e4m3fn: return MC_FLOAT8_E4M3FN;
+  case at::kFloat8_e5m2: return MC_FLOAT8_E5M2;
+  case at::kFloat8_e4m3fnuz: return MC_FLOAT8_E4M3FNUZ;
+  case at::kFloat8_e5m2fnuz: return MC_FLOAT8_E5M2FNUZ;
+  case at::kFloat8_e8m0fnu: return MC_FLOAT8_E8M0FNU;
   default:
     TORCH_CHECK_TYPE(false, what, ": unsupported dtype ", t.scalar_type(),
                      " (supported: float32, float64, float16, bfloat16, int8, int16, int32, "
-                     "int64, uint8, bool)");
+                     "int64, uint8, bool, complex64, complex128, and the float8 types for "
+                     "non-reducing operations)");
   }
   return MC_DTYPE_COUNT; // unreachable
 }
 
-mc_redop_t toRedop(const c10d::ReduceOp &op, const std::string &what) {
-  switch (op.op_) {
-  case c10d::ReduceOp::SUM: return MC_SUM;
-  case c10d::ReduceOp::AVG: return MC_AVG;
-  case c10d::ReduceOp::PRODUCT: return MC_PRODUCT;
-  case c10d::ReduceOp::MIN: return MC_MIN;
-  case c10d::ReduceOp::MAX: return MC_MAX;
-  default: break;
+const char *torchOpName(c10d::ReduceOp::RedOpType op) {
+  switch (op) {
+  case c10d::ReduceOp::SUM: return "SUM";
+  case c10d::ReduceOp::AVG: return "AVG";
+  case c10d::ReduceOp::PRODUCT: return "PRODUCT";
+  case c10d::ReduceOp::MIN: return "MIN";
+  case c10d::ReduceOp::MAX: return "MAX";
+  case c10d::ReduceOp::BAND: return "BAND";
+  case c10d::ReduceOp::BOR: return "BOR";
+  case c10d::ReduceOp::BXOR: return "BXOR";
+  case c10d::ReduceOp::PREMUL_SUM: return "PREMUL_SUM";
+  default: return "unknown";
   }
-  const char *name = "unknown";
+}
+
+// A reduce op as the engine takes it: an mc_redop_t, or PREMUL_SUM with its factor.
+struct Reduction {
+  mc_redop_t op = MC_SUM;
+  bool premul = false;
+  double factor = 1.0;
+};
+
+// Maps torch's op and checks the engine supports it for `dtype`, before any data moves.
+Reduction toReduction(const c10d::ReduceOp &op, const at::Tensor &t, mc_dtype_t dt,
+                      const std::string &what) {
+  Reduction r;
   switch (op.op_) {
-  case c10d::ReduceOp::BAND: name = "BAND"; break;
-  case c10d::ReduceOp::BOR: name = "BOR"; break;
-  case c10d::ReduceOp::BXOR: name = "BXOR"; break;
-  case c10d::ReduceOp::PREMUL_SUM: name = "PREMUL_SUM"; break;
-  default: break;
+  case c10d::ReduceOp::SUM: r.op = MC_SUM; break;
+  case c10d::ReduceOp::AVG: r.op = MC_AVG; break;
+  case c10d::ReduceOp::PRODUCT: r.op = MC_PRODUCT; break;
+  case c10d::ReduceOp::MIN: r.op = MC_MIN; break;
+  case c10d::ReduceOp::MAX: r.op = MC_MAX; break;
+  case c10d::ReduceOp::BAND: r.op = MC_BAND; break;
+  case c10d::ReduceOp::BOR: r.op = MC_BOR; break;
+  case c10d::ReduceOp::BXOR: r.op = MC_BXOR; break;
+  case c10d::ReduceOp::PREMUL_SUM: {
+    r.op = MC_PREMUL_SUM;
+    r.premul = true;
+    // torch attaches the factor as a supplement: a double or a one-element tensor.
+    const auto *sup = dynamic_cast<const c10d::PreMulSumSupplement *>(op.supplement_.get());
+    TORCH_CHECK_VALUE(sup != nullptr, what, ": reduce op PREMUL_SUM came without its factor");
+    if (sup->tensor_factor.defined()) {
+      TORCH_CHECK_VALUE(sup->tensor_factor.numel() == 1, what,
+                        ": PREMUL_SUM factor must have one element, got ",
+                        sup->tensor_factor.numel());
+      TORCH_CHECK_TYPE(!sup->tensor_factor.is_complex(), what,
+                       ": PREMUL_SUM factor must be real, got ", sup->tensor_factor.scalar_type());
+      r.factor = sup->tensor_factor.item<double>();
+    } else {
+      r.factor = sup->double_factor;
+    }
+    break;
   }
-  TORCH_CHECK_VALUE(false, what, ": unsupported reduce op ", name, " (", static_cast<int>(op.op_),
-                    "); supported: SUM, AVG, PRODUCT, MIN, MAX");
-  return MC_REDOP_COUNT; // unreachable
+  default: TORCH_CHECK_VALUE(false, what, ": unsupported reduce op ", static_cast<int>(op.op_));
+  }
+  const char *why = r.op == MC_BAND || r.op == MC_BOR || r.op == MC_BXOR
+                        ? "bitwise ops take integer and bool tensors only"
+                    : r.op == MC_PREMUL_SUM ? "PREMUL_SUM takes floating-point tensors only"
+                    : t.is_complex()        ? "complex tensors take SUM, AVG and PRODUCT only"
+                    : isFloat8Type(t.scalar_type()) ? "float8 tensors cannot be reduced"
+                                                    : "not defined for this dtype";
+  TORCH_CHECK_TYPE(mc_reduce_supported(dt, r.op) == MC_OK, what, ": reduce op ",
+                   torchOpName(op.op_), " is not supported for dtype ", t.scalar_type(), " (", why,
+                   ")");
+  return r;
+}
+
+mc_status_t issueAllreduce(mc_comm_t *c, const void *in, void *out, size_t n, mc_dtype_t dt,
+                           Reduction red, mc_request_t **r) {
+  return red.premul ? mc_allreduce_premul(c, in, out, n, dt, red.factor, r)
+                    : mc_allreduce(c, in, out, n, dt, red.op, r);
+}
+
+mc_status_t issueReduceScatter(mc_comm_t *c, const void *in, void *out, size_t n, mc_dtype_t dt,
+                               Reduction red, mc_request_t **r) {
+  return red.premul ? mc_reduce_scatter_premul(c, in, out, n, dt, red.factor, r)
+                    : mc_reduce_scatter(c, in, out, n, dt, red.op, r);
+}
+
+mc_status_t issueReduce(mc_comm_t *c, const void *in, void *out, size_t n, mc_dtype_t dt,
+                        Reduction red, int root, mc_request_t **r) {
+  return red.premul ? mc_reduce_premul(c, in, out, n, dt, red.factor, root, r)
+                    : mc_reduce(c, in, out, n, dt, red.op, root, r);
 }
 
 // A dense CPU tensor the engine can take; returns its dtype.
@@ -142,6 +213,32 @@ void checkSingle(const std::vector<at::Tensor> &tensors, const std::string &what
 }
 
 size_t count(const at::Tensor &t) { return static_cast<size_t>(t.numel()); }
+
+// Every tensor of `ts` is a dense CPU tensor of `like`'s dtype (and numel, when `numel` >= 0).
+void checkAll(const std::vector<at::Tensor> &ts, const at::Tensor &like, int64_t numel,
+              const std::string &what, const char *role) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    checkTensor(ts[i], what);
+    TORCH_CHECK_TYPE(ts[i].scalar_type() == like.scalar_type(), what, ": ", role, " ", i,
+                     " has dtype ", ts[i].scalar_type(), ", expected ", like.scalar_type());
+    TORCH_CHECK_VALUE(numel < 0 || ts[i].numel() == numel, what, ": ", role, " ", i, " has ",
+                      ts[i].numel(), " elements, expected ", numel);
+  }
+}
+
+void checkRoot(int64_t root, int size, const std::string &what) {
+  TORCH_CHECK_VALUE(root >= 0 && root < size, what, ": root rank ", root, " is out of range [0, ",
+                    size, ")");
+}
+
+at::Tensor flatCat(const std::vector<at::Tensor> &ts) {
+  std::vector<at::Tensor> flat;
+  flat.reserve(ts.size());
+  for (const auto &t : ts) {
+    flat.push_back(t.reshape({-1}));
+  }
+  return at::cat(flat);
+}
 
 } // namespace
 
@@ -519,9 +616,7 @@ c10::intrusive_ptr<c10d::Work> MooncakeBackend::allreduce(std::vector<at::Tensor
   checkSingle(tensors, w);
   const at::Tensor &t = tensors[0];
   mc_dtype_t dt = checkTensor(t, w);
-  mc_redop_t op = toRedop(opts.reduceOp, w);
-  TORCH_CHECK_TYPE(mc_reduce_supported(dt, op) == MC_OK, w, ": reduce op ", mc_redop_name(op),
-                   " is not supported for dtype ", t.scalar_type());
+  Reduction red = toReduction(opts.reduceOp, t, dt, w);
   Pending p;
   p.outputs = tensors;
   at::Tensor buf = p.buffer(t, true, true);
@@ -529,7 +624,7 @@ c10::intrusive_ptr<c10d::Work> MooncakeBackend::allreduce(std::vector<at::Tensor
   void *ptr = buf.data_ptr();
   return launch(
       "allreduce", c10d::OpType::ALLREDUCE, std::move(p),
-      [=](mc_comm_t *c, mc_request_t **r) { return mc_allreduce(c, ptr, ptr, n, dt, op, r); });
+      [=](mc_comm_t *c, mc_request_t **r) { return issueAllreduce(c, ptr, ptr, n, dt, red, r); });
 }
 
 c10::intrusive_ptr<c10d::Work>
@@ -544,9 +639,7 @@ MooncakeBackend::allreduce_coalesced(std::vector<at::Tensor> &tensors,
                      ": all tensors must have the same dtype, got ", tensors[0].scalar_type(),
                      " and ", t.scalar_type());
   }
-  mc_redop_t op = toRedop(opts.reduceOp, w);
-  TORCH_CHECK_TYPE(mc_reduce_supported(dt, op) == MC_OK, w, ": reduce op ", mc_redop_name(op),
-                   " is not supported for dtype ", tensors[0].scalar_type());
+  Reduction red = toReduction(opts.reduceOp, tensors[0], dt, w);
   // One engine call over a flat copy; each tensor gets its slice back on success.
   std::vector<at::Tensor> flat;
   flat.reserve(tensors.size());
@@ -566,7 +659,7 @@ MooncakeBackend::allreduce_coalesced(std::vector<at::Tensor> &tensors,
   void *ptr = buf.data_ptr();
   return launch(
       "allreduce_coalesced", c10d::OpType::ALLREDUCE_COALESCED, std::move(p),
-      [=](mc_comm_t *c, mc_request_t **r) { return mc_allreduce(c, ptr, ptr, n, dt, op, r); });
+      [=](mc_comm_t *c, mc_request_t **r) { return issueAllreduce(c, ptr, ptr, n, dt, red, r); });
 }
 
 c10::intrusive_ptr<c10d::Work>
@@ -639,7 +732,7 @@ MooncakeBackend::_reduce_scatter_base(at::Tensor &output, at::Tensor &input,
                    output.scalar_type(), " differs from input dtype ", input.scalar_type());
   TORCH_CHECK_VALUE(input.numel() == output.numel() * size_, w, ": input has ", input.numel(),
                     " elements, expected world size (", size_, ") x output (", output.numel(), ")");
-  mc_redop_t op = toRedop(opts.reduceOp, w);
+  Reduction red = toReduction(opts.reduceOp, input, dt, w);
   Pending p;
   p.outputs = {output};
   // The engine reads every input block while it writes the output: an output that aliases
@@ -652,7 +745,7 @@ MooncakeBackend::_reduce_scatter_base(at::Tensor &output, at::Tensor &input,
   void *outPtr = dst.data_ptr();
   return launch("reduce_scatter_tensor", c10d::OpType::_REDUCE_SCATTER_BASE, std::move(p),
                 [=](mc_comm_t *c, mc_request_t **r) {
-                  return mc_reduce_scatter(c, inPtr, outPtr, n, dt, op, r);
+                  return issueReduceScatter(c, inPtr, outPtr, n, dt, red, r);
                 });
 }
 
@@ -674,6 +767,306 @@ c10::intrusive_ptr<c10d::Work> MooncakeBackend::broadcast(std::vector<at::Tensor
   return launch(
       "broadcast", c10d::OpType::BROADCAST, std::move(p),
       [=](mc_comm_t *c, mc_request_t **r) { return mc_broadcast(c, ptr, n, dt, root, r); });
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor> &outputs,
+                                                 std::vector<at::Tensor> &inputs,
+                                                 const c10d::AllgatherOptions & /*opts*/) {
+  const std::string w = what("allgather_into_tensor_coalesced");
+  TORCH_CHECK_VALUE(!inputs.empty() && outputs.size() == inputs.size(), w,
+                    ": needs as many outputs (", outputs.size(), ") as inputs (", inputs.size(),
+                    "), at least one");
+  mc_dtype_t dt = checkTensor(inputs[0], w);
+  checkAll(inputs, inputs[0], -1, w, "input");
+  checkAll(outputs, inputs[0], -1, w, "output");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    TORCH_CHECK_VALUE(outputs[i].numel() == inputs[i].numel() * size_, w, ": output ", i, " has ",
+                      outputs[i].numel(), " elements, expected world size (", size_, ") x input (",
+                      inputs[i].numel(), ")");
+  }
+  // One allgather of all inputs laid end to end; rank r's row of the result holds its slice of
+  // every input, copied into each output's block r.
+  Pending p;
+  p.outputs = outputs;
+  at::Tensor in = flatCat(inputs);
+  const int64_t total = in.numel();
+  at::Tensor flat = at::empty({size_ * total}, in.options());
+  p.keepAlive.insert(p.keepAlive.end(), {in, flat});
+  std::vector<std::pair<at::Tensor, at::Tensor>> last; // temps into non-contiguous outputs
+  int64_t off = 0;
+  for (auto &out : outputs) {
+    const int64_t n = out.numel() / size_;
+    at::Tensor target = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+    p.copyBack.emplace_back(flat.view({size_, total}).narrow(1, off, n), target.view({size_, n}));
+    if (!out.is_contiguous()) {
+      p.keepAlive.push_back(target);
+      last.emplace_back(target, out);
+    }
+    off += n;
+  }
+  p.copyBack.insert(p.copyBack.end(), last.begin(), last.end());
+  const void *inPtr = in.data_ptr();
+  void *outPtr = flat.data_ptr();
+  size_t n = static_cast<size_t>(total);
+  return launch(
+      "allgather_into_tensor_coalesced", c10d::OpType::COALESCED, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_allgather(c, inPtr, outPtr, n, dt, r); });
+}
+
+// Reduce-scatter whose input is `blocks` laid end to end (rank-major: every rank's part of the
+// input is `perRank` elements) and whose result is split over `outputs` in order.
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::reduceScatterFlat(const char *op, c10d::OpType type,
+                                                                  std::vector<at::Tensor> outputs,
+                                                                  std::vector<at::Tensor> blocks,
+                                                                  size_t perRank,
+                                                                  const c10d::ReduceOp &reduceOp) {
+  const std::string w = what(op);
+  mc_dtype_t dt = checkTensor(outputs[0], w);
+  Reduction red = toReduction(reduceOp, outputs[0], dt, w);
+  Pending p;
+  p.outputs = outputs;
+  at::Tensor in = flatCat(blocks);
+  at::Tensor flat = at::empty({static_cast<int64_t>(perRank)}, in.options());
+  p.keepAlive.insert(p.keepAlive.end(), {in, flat});
+  int64_t off = 0;
+  for (auto &out : outputs) {
+    p.copyBack.emplace_back(flat.narrow(0, off, out.numel()).view(out.sizes()), out);
+    off += out.numel();
+  }
+  const void *inPtr = in.data_ptr();
+  void *outPtr = flat.data_ptr();
+  return launch(op, type, std::move(p), [=](mc_comm_t *c, mc_request_t **r) {
+    return issueReduceScatter(c, inPtr, outPtr, perRank, dt, red, r);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::reduce_scatter(std::vector<at::Tensor> &outputs,
+                                std::vector<std::vector<at::Tensor>> &inputs,
+                                const c10d::ReduceScatterOptions &opts) {
+  const std::string w = what("reduce_scatter");
+  checkSingle(outputs, w);
+  TORCH_CHECK_VALUE(inputs.size() == 1, w, ": expects one input list, got ", inputs.size());
+  checkTensor(outputs[0], w);
+  TORCH_CHECK_VALUE(inputs[0].size() == static_cast<size_t>(size_), w, ": input list has ",
+                    inputs[0].size(), " tensors, expected one per rank (", size_, ")");
+  checkAll(inputs[0], outputs[0], outputs[0].numel(), w, "input");
+  return reduceScatterFlat("reduce_scatter", c10d::OpType::REDUCE_SCATTER, outputs, inputs[0],
+                           count(outputs[0]), opts.reduceOp);
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::reduce_scatter_tensor_coalesced(std::vector<at::Tensor> &outputs,
+                                                 std::vector<at::Tensor> &inputs,
+                                                 const c10d::ReduceScatterOptions &opts) {
+  const std::string w = what("reduce_scatter_tensor_coalesced");
+  TORCH_CHECK_VALUE(!inputs.empty() && outputs.size() == inputs.size(), w,
+                    ": needs as many outputs (", outputs.size(), ") as inputs (", inputs.size(),
+                    "), at least one");
+  checkTensor(outputs[0], w);
+  checkAll(outputs, outputs[0], -1, w, "output");
+  checkAll(inputs, outputs[0], -1, w, "input");
+  size_t perRank = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    TORCH_CHECK_VALUE(inputs[i].numel() == outputs[i].numel() * size_, w, ": input ", i, " has ",
+                      inputs[i].numel(), " elements, expected world size (", size_, ") x output (",
+                      outputs[i].numel(), ")");
+    perRank += count(outputs[i]);
+  }
+  // Rank-major input: rank r's part is block r of every input, in order.
+  std::vector<at::Tensor> blocks;
+  for (int r = 0; r < size_; ++r) {
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const int64_t n = outputs[i].numel();
+      blocks.push_back(inputs[i].reshape({-1}).narrow(0, r * n, n));
+    }
+  }
+  return reduceScatterFlat("reduce_scatter_tensor_coalesced", c10d::OpType::COALESCED, outputs,
+                           blocks, perRank, opts.reduceOp);
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::reduce(std::vector<at::Tensor> &tensors,
+                                                       const c10d::ReduceOptions &opts) {
+  const std::string w = what("reduce");
+  checkSingle(tensors, w);
+  TORCH_CHECK_VALUE(opts.rootTensor == 0, w, ": rootTensor must be 0, got ", opts.rootTensor);
+  checkRoot(opts.rootRank, size_, w);
+  const at::Tensor &t = tensors[0];
+  mc_dtype_t dt = checkTensor(t, w);
+  Reduction red = toReduction(opts.reduceOp, t, dt, w);
+  const int root = static_cast<int>(opts.rootRank);
+  const bool isRoot = rank_ == root;
+  Pending p;
+  p.outputs = tensors;
+  at::Tensor buf = p.buffer(t, true, isRoot); // only the root's tensor changes
+  size_t n = count(buf);
+  void *ptr = buf.data_ptr();
+  return launch("reduce", c10d::OpType::REDUCE, std::move(p), [=](mc_comm_t *c, mc_request_t **r) {
+    return issueReduce(c, ptr, isRoot ? ptr : nullptr, n, dt, red, root, r);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::gather(std::vector<std::vector<at::Tensor>> &outputs,
+                        std::vector<at::Tensor> &inputs, const c10d::GatherOptions &opts) {
+  const std::string w = what("gather");
+  checkSingle(inputs, w);
+  checkRoot(opts.rootRank, size_, w);
+  const at::Tensor &in = inputs[0];
+  mc_dtype_t dt = checkTensor(in, w);
+  const int root = static_cast<int>(opts.rootRank);
+  Pending p;
+  at::Tensor src = p.buffer(in, true, false);
+  void *outPtr = nullptr;
+  if (rank_ == root) {
+    TORCH_CHECK_VALUE(outputs.size() == 1 && outputs[0].size() == static_cast<size_t>(size_), w,
+                      ": the root needs one output list with one tensor per rank (", size_, ")");
+    checkAll(outputs[0], in, in.numel(), w, "output");
+    p.outputs = outputs[0];
+    at::Tensor flat = at::empty({static_cast<int64_t>(size_) * in.numel()}, in.options());
+    p.keepAlive.push_back(flat);
+    for (int r = 0; r < size_; ++r) {
+      p.copyBack.emplace_back(
+          flat.narrow(0, r * in.numel(), in.numel()).view(outputs[0][r].sizes()), outputs[0][r]);
+    }
+    outPtr = flat.data_ptr();
+  } else {
+    TORCH_CHECK_VALUE(outputs.empty() || (outputs.size() == 1 && outputs[0].empty()), w,
+                      ": only the root (rank ", root, ") takes output tensors");
+  }
+  size_t n = count(in);
+  const void *inPtr = src.data_ptr();
+  return launch("gather", c10d::OpType::GATHER, std::move(p), [=](mc_comm_t *c, mc_request_t **r) {
+    return mc_gather(c, inPtr, outPtr, n, dt, root, r);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::scatter(std::vector<at::Tensor> &outputs,
+                         std::vector<std::vector<at::Tensor>> &inputs,
+                         const c10d::ScatterOptions &opts) {
+  const std::string w = what("scatter");
+  checkSingle(outputs, w);
+  checkRoot(opts.rootRank, size_, w);
+  const at::Tensor &out = outputs[0];
+  mc_dtype_t dt = checkTensor(out, w);
+  const int root = static_cast<int>(opts.rootRank);
+  Pending p;
+  p.outputs = outputs;
+  const void *inPtr = nullptr;
+  if (rank_ == root) {
+    TORCH_CHECK_VALUE(inputs.size() == 1 && inputs[0].size() == static_cast<size_t>(size_), w,
+                      ": the root needs one input list with one tensor per rank (", size_, ")");
+    checkAll(inputs[0], out, out.numel(), w, "input");
+    at::Tensor flat = flatCat(inputs[0]);
+    p.keepAlive.push_back(flat);
+    inPtr = flat.data_ptr();
+  } else {
+    TORCH_CHECK_VALUE(inputs.empty() || (inputs.size() == 1 && inputs[0].empty()), w,
+                      ": only the root (rank ", root, ") takes input tensors");
+  }
+  at::Tensor dst = p.buffer(out, false, true);
+  size_t n = count(out);
+  void *outPtr = dst.data_ptr();
+  return launch(
+      "scatter", c10d::OpType::SCATTER, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_scatter(c, inPtr, outPtr, n, dt, root, r); });
+}
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::alltoall(std::vector<at::Tensor> &outputs,
+                                                         std::vector<at::Tensor> &inputs,
+                                                         const c10d::AllToAllOptions & /*opts*/) {
+  const std::string w = what("alltoall");
+  TORCH_CHECK_VALUE(inputs.size() == static_cast<size_t>(size_) && outputs.size() == inputs.size(),
+                    w, ": needs one input and one output tensor per rank (", size_, "), got ",
+                    inputs.size(), " and ", outputs.size());
+  mc_dtype_t dt = checkTensor(inputs[0], w);
+  checkAll(inputs, inputs[0], -1, w, "input");
+  checkAll(outputs, inputs[0], -1, w, "output");
+  // Tensors may differ in size per peer: one alltoallv over flat copies.
+  std::vector<size_t> sendCounts(size_), sendDispls(size_), recvCounts(size_), recvDispls(size_);
+  size_t sendTotal = 0, recvTotal = 0;
+  for (int j = 0; j < size_; ++j) {
+    sendCounts[j] = count(inputs[j]), sendDispls[j] = sendTotal, sendTotal += sendCounts[j];
+    recvCounts[j] = count(outputs[j]), recvDispls[j] = recvTotal, recvTotal += recvCounts[j];
+  }
+  Pending p;
+  p.outputs = outputs;
+  at::Tensor in = flatCat(inputs);
+  at::Tensor flat = at::empty({static_cast<int64_t>(recvTotal)}, in.options());
+  p.keepAlive.insert(p.keepAlive.end(), {in, flat});
+  for (int j = 0; j < size_; ++j) {
+    p.copyBack.emplace_back(
+        flat.narrow(0, static_cast<int64_t>(recvDispls[j]), static_cast<int64_t>(recvCounts[j]))
+            .view(outputs[j].sizes()),
+        outputs[j]);
+  }
+  const void *inPtr = in.data_ptr();
+  void *outPtr = flat.data_ptr();
+  return launch("alltoall", c10d::OpType::ALLTOALL, std::move(p),
+                [=](mc_comm_t *c, mc_request_t **r) {
+                  return mc_alltoallv(c, inPtr, sendCounts.data(), sendDispls.data(), outPtr,
+                                      recvCounts.data(), recvDispls.data(), dt, r);
+                });
+}
+
+namespace {
+// Element counts and displacements of an all_to_all_single split along dim 0; empty splits
+// mean equal parts.
+void splitCounts(const at::Tensor &t, const std::vector<int64_t> &splits, int size,
+                 const std::string &what, const char *role, std::vector<size_t> &counts,
+                 std::vector<size_t> &displs) {
+  const int64_t rows = t.dim() == 0 ? 1 : t.size(0);
+  int64_t rowElems = 1; // elements per dim-0 row, also when dim 0 is empty
+  for (int64_t d = 1; d < t.dim(); ++d) {
+    rowElems *= t.size(d);
+  }
+  std::vector<int64_t> s = splits;
+  if (s.empty()) {
+    TORCH_CHECK_VALUE(rows % size == 0, what, ": ", role, " dim 0 (", rows,
+                      ") is not divisible by the world size (", size,
+                      ") and no split sizes were given");
+    s.assign(size, rows / size);
+  }
+  TORCH_CHECK_VALUE(s.size() == static_cast<size_t>(size), what, ": ", role, " split sizes have ",
+                    s.size(), " entries, expected one per rank (", size, ")");
+  int64_t sum = 0;
+  counts.resize(size), displs.resize(size);
+  for (int j = 0; j < size; ++j) {
+    TORCH_CHECK_VALUE(s[j] >= 0, what, ": ", role, " split size ", j, " is negative (", s[j], ")");
+    counts[j] = static_cast<size_t>(s[j] * rowElems);
+    displs[j] = static_cast<size_t>(sum * rowElems);
+    sum += s[j];
+  }
+  TORCH_CHECK_VALUE(sum == rows, what, ": ", role, " split sizes add up to ", sum,
+                    ", but dim 0 has ", rows);
+}
+} // namespace
+
+c10::intrusive_ptr<c10d::Work> MooncakeBackend::alltoall_base(
+    at::Tensor &output, at::Tensor &input, std::vector<int64_t> &outputSplitSizes,
+    std::vector<int64_t> &inputSplitSizes, const c10d::AllToAllOptions & /*opts*/) {
+  const std::string w = what("all_to_all_single");
+  mc_dtype_t dt = checkTensor(input, w);
+  checkTensor(output, w);
+  TORCH_CHECK_TYPE(output.scalar_type() == input.scalar_type(), w, ": output dtype ",
+                   output.scalar_type(), " differs from input dtype ", input.scalar_type());
+  std::vector<size_t> sendCounts, sendDispls, recvCounts, recvDispls;
+  splitCounts(input, inputSplitSizes, size_, w, "input", sendCounts, sendDispls);
+  splitCounts(output, outputSplitSizes, size_, w, "output", recvCounts, recvDispls);
+  Pending p;
+  p.outputs = {output};
+  bool aliases = output.numel() > 0 && input.numel() > 0 && output.is_alias_of(input);
+  at::Tensor src = aliases ? p.buffer(input.clone(), true, false) : p.buffer(input, true, false);
+  at::Tensor dst = p.buffer(output, false, true);
+  const void *inPtr = src.data_ptr();
+  void *outPtr = dst.data_ptr();
+  return launch("all_to_all_single", c10d::OpType::ALLTOALL_BASE, std::move(p),
+                [=](mc_comm_t *c, mc_request_t **r) {
+                  return mc_alltoallv(c, inPtr, sendCounts.data(), sendDispls.data(), outPtr,
+                                      recvCounts.data(), recvDispls.data(), dt, r);
+                });
 }
 
 c10::intrusive_ptr<c10d::Work> MooncakeBackend::barrier(const c10d::BarrierOptions & /*opts*/) {

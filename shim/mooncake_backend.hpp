@@ -132,6 +132,30 @@ public:
   c10::intrusive_ptr<c10d::Work>
   _reduce_scatter_base(at::Tensor &output, at::Tensor &input,
                        const c10d::ReduceScatterOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work>
+  allgather_into_tensor_coalesced(std::vector<at::Tensor> &outputs, std::vector<at::Tensor> &inputs,
+                                  const c10d::AllgatherOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter(std::vector<at::Tensor> &outputs,
+                                                std::vector<std::vector<at::Tensor>> &inputs,
+                                                const c10d::ReduceScatterOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work>
+  reduce_scatter_tensor_coalesced(std::vector<at::Tensor> &outputs, std::vector<at::Tensor> &inputs,
+                                  const c10d::ReduceScatterOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor> &tensors,
+                                        const c10d::ReduceOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>> &outputs,
+                                        std::vector<at::Tensor> &inputs,
+                                        const c10d::GatherOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> scatter(std::vector<at::Tensor> &outputs,
+                                         std::vector<std::vector<at::Tensor>> &inputs,
+                                         const c10d::ScatterOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor> &outputs,
+                                          std::vector<at::Tensor> &inputs,
+                                          const c10d::AllToAllOptions &opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor &output, at::Tensor &input,
+                                               std::vector<int64_t> &outputSplitSizes,
+                                               std::vector<int64_t> &inputSplitSizes,
+                                               const c10d::AllToAllOptions &opts) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions &opts) override;
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor> &tensors, int dstRank,
                                       int tag) override;
@@ -145,6 +169,10 @@ private:
   c10::intrusive_ptr<c10d::Work>
   launch(const char *op, c10d::OpType type, Pending &&p,
          const std::function<mc_status_t(mc_comm_t *, mc_request_t **)> &issue);
+  c10::intrusive_ptr<c10d::Work> reduceScatterFlat(const char *op, c10d::OpType type,
+                                                   std::vector<at::Tensor> outputs,
+                                                   std::vector<at::Tensor> blocks, size_t perRank,
+                                                   const c10d::ReduceOp &reduceOp);
   c10::intrusive_ptr<c10d::Work> pointToPoint(const char *op, c10d::OpType type,
                                               std::vector<at::Tensor> &tensors, int peer, int tag);
 

@@ -4,7 +4,11 @@
  *   reduce_scatter  ring
  *   allgather  ring
  *   broadcast  binomial tree
+ *   reduce     binomial tree (small) or ring reduce-scatter + gather to the root (large)
+ *   gather, scatter  binomial tree
+ *   alltoall(v)  pairwise exchange, up to ALLTOALL_BATCH peers per step
  *   barrier    dissemination */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,6 +16,11 @@
 #include "reduce.h"
 
 enum { ALGO_TRIVIAL, ALGO_RD, ALGO_RING };
+
+/* The root of a gather receives up to this many chunks in one step (MC_MAX_XFERS bounds a
+ * step), and an all-to-all exchanges with this many peers per step. */
+#define GATHER_BATCH 32
+#define ALLTOALL_BATCH 16
 
 static int mod(int a, int n) { return ((a % n) + n) % n; }
 
@@ -28,6 +37,81 @@ static char *at(void *buf, size_t elems, mc_dtype_t t) {
   return (char *)buf + elems * mc_dtype_size(t);
 }
 
+static bool no_memory(mc_request_t *req, size_t bytes) {
+  mc_request_complete(req, MC_ERR_NOMEM, "rank %d: %s #%u: no memory for %zu bytes",
+                      req->comm->rank, mc_op_name(req->kind), req->seq, bytes);
+  return false;
+}
+
+/* Scratch space of `bytes` in req->tmp (freed with the request); false if that failed. */
+static bool scratch(mc_request_t *req, size_t bytes) {
+  if (bytes && !(req->tmp = malloc(bytes)))
+    return no_memory(req, bytes);
+  return true;
+}
+
+/* Rank r's position in a tree rooted at `root`, and the number of ranks in its subtree:
+ * virtual rank v heads [v, v + lowest set bit of v), clipped to n (the root heads them all). */
+static int vrank(const mc_request_t *req) {
+  return mod(req->comm->rank - req->root, req->comm->size);
+}
+static int subtree(int v, int n) {
+  int low = v & -v;
+  return v == 0 || low > n - v ? n - v : low;
+}
+
+/* Copies `in` into `dst` (count elements), scaled by the PREMUL_SUM factor if that is the op. */
+static void load_input(const mc_request_t *req, void *dst, const void *in, size_t count) {
+  if (req->redop == MC_PREMUL_SUM && (req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_REDUCE ||
+                                      req->kind == MC_OP_REDUCE_SCATTER))
+    mc_premul(dst, in, count, req->dtype, req->factor);
+  else if (dst != in && count)
+    memcpy(dst, in, count * mc_dtype_size(req->dtype));
+}
+
+static void setup_reduce(mc_request_t *req, size_t bytes, size_t esz) {
+  const int n = req->comm->size;
+  const bool root = req->comm->rank == req->root;
+  if (n == 1) {
+    load_input(req, req->out, req->in, req->count);
+    return;
+  }
+  /* The root reduces into out; the others into scratch after the receive space. */
+  size_t recv_bytes = bytes;
+  if (bytes >= (size_t)mc_param_int(MC_PARAM_RING_MIN_BYTES) && req->count >= (size_t)n) {
+    req->algo = ALGO_RING;
+    recv_bytes = chunk_count(req->count, n, 0) * esz;
+  }
+  if (!scratch(req, recv_bytes + (root ? 0 : bytes)))
+    return;
+  if (!root)
+    req->out = (char *)req->tmp + recv_bytes;
+  load_input(req, req->out, req->in, req->count);
+}
+
+/* Gather and scatter keep the blocks of a subtree in virtual-rank order: the root uses out (in)
+ * directly when it is rank 0, and a rotated copy in scratch otherwise; an inner rank of the
+ * tree uses scratch for its subtree; a leaf uses its own block in place. */
+static void setup_tree(mc_request_t *req, size_t bytes) {
+  const int n = req->comm->size, v = vrank(req), sub = subtree(v, n);
+  const bool gather = req->kind == MC_OP_GATHER;
+  char *mine =
+      v == 0 ? at(gather ? req->out : (void *)req->in, req->count * req->root, req->dtype) : NULL;
+  if (v == 0 && mine != (gather ? req->in : req->out) && bytes) /* the root's own block */
+    memcpy(gather ? mine : req->out, gather ? req->in : mine, bytes);
+  if (n == 1 || sub == 1 || (v == 0 && req->root == 0))
+    return;
+  if (!scratch(req, bytes * sub))
+    return;
+  if (gather) /* own block first */
+    memcpy(req->tmp, req->in, bytes);
+  if (!gather && v == 0) { /* rotate: virtual block k is rank (k + root) % n's */
+    size_t head = bytes * (n - req->root);
+    memcpy(req->tmp, at((void *)req->in, req->count * req->root, req->dtype), head);
+    memcpy((char *)req->tmp + head, req->in, bytes * req->root);
+  }
+}
+
 void mc_algo_setup(mc_request_t *req) {
   mc_comm_t *comm = req->comm;
   const int n = comm->size;
@@ -35,8 +119,7 @@ void mc_algo_setup(mc_request_t *req) {
   req->algo = n == 1 ? ALGO_TRIVIAL : ALGO_RD;
   switch (req->kind) {
   case MC_OP_ALLREDUCE: {
-    if (req->in != req->out && bytes)
-      memcpy(req->out, req->in, bytes);
+    load_input(req, req->out, req->in, req->count);
     if (n == 1)
       break;
     size_t tmp_bytes = bytes;
@@ -52,13 +135,38 @@ void mc_algo_setup(mc_request_t *req) {
   }
   case MC_OP_REDUCE_SCATTER: {
     if (n == 1) {
-      if (bytes && req->in != req->out)
-        memcpy(req->out, req->in, bytes);
+      load_input(req, req->out, req->in, req->count);
       break;
     }
-    if (bytes && !(req->tmp = malloc(bytes)))
-      mc_request_complete(req, MC_ERR_NOMEM, "rank %d: reduce_scatter #%u: no memory for %zu bytes",
-                          comm->rank, req->seq, bytes);
+    /* PREMUL_SUM: the ring reads every input block, so it reads a scaled copy */
+    size_t in_bytes = req->redop == MC_PREMUL_SUM ? bytes * n : 0;
+    if (!scratch(req, bytes + in_bytes))
+      break;
+    if (in_bytes) {
+      load_input(req, (char *)req->tmp + bytes, req->in, req->count * n);
+      req->in = (char *)req->tmp + bytes;
+    }
+    break;
+  }
+  case MC_OP_REDUCE: setup_reduce(req, bytes, esz); break;
+  case MC_OP_GATHER:
+  case MC_OP_SCATTER: setup_tree(req, bytes); break;
+  case MC_OP_ALLTOALL:
+    if (bytes)
+      memcpy(at(req->out, req->count * comm->rank, req->dtype),
+             at((void *)req->in, req->count * comm->rank, req->dtype), bytes);
+    break;
+  case MC_OP_ALLTOALLV: {
+    /* vcounts: send counts, send displs, recv counts, recv displs */
+    const size_t *v = req->vcounts, me = (size_t)comm->rank;
+    if (v[me] != v[2 * n + me]) {
+      req->mismatch = true; /* peers learn it from the mismatch bit */
+      snprintf(req->err, sizeof req->err, "it sends %zu elements to itself but receives %zu", v[me],
+               v[2 * n + me]);
+    } else if (v[me]) {
+      memcpy(at(req->out, v[3 * n + me], req->dtype), at((void *)req->in, v[n + me], req->dtype),
+             v[me] * esz);
+    }
     break;
   }
   case MC_OP_ALLGATHER: {
@@ -172,6 +280,150 @@ static bool reduce_scatter_ring(mc_request_t *req) {
   return true;
 }
 
+/* Binomial reduce: at step k a rank whose virtual rank has bit k as its lowest set bit sends
+ * its partial result to its parent and is done; the others receive their child's partial
+ * (if that child exists) and reduce it into theirs. Reduces in log2(n) steps. */
+static bool reduce_binomial(mc_request_t *req) {
+  const int n = req->comm->size, v = vrank(req), s = req->step;
+  const size_t bytes = req->count * mc_dtype_size(req->dtype);
+  if (s >= 31 || (1 << s) >= n) {
+    if (v == 0)
+      finish_avg(req, req->out, req->count);
+    return false;
+  }
+  const int mask = 1 << s;
+  if (v & (mask - 1))
+    return false; /* sent to the parent in an earlier step */
+  if (v & mask) {
+    mc_step_add(req, true, mod(v - mask + req->root, n), req->out, bytes);
+  } else if (v + mask < n) {
+    mc_step_add(req, false, mod(v + mask + req->root, n), req->tmp, bytes);
+    req->red_dst = req->out, req->red_src = req->tmp, req->red_count = req->count;
+  }
+  return true;
+}
+
+/* Large reduce: the ring reduce-scatter of allreduce_ring (n-1 steps, after which rank r owns
+ * chunk r+1), then every rank sends its chunk straight to the root, which receives them in
+ * place in batches. Each rank sends about 2 (n-1)/n of the data instead of log2(n) times it. */
+static bool reduce_ring(mc_request_t *req) {
+  const int n = req->comm->size, r = req->comm->rank, s = req->step, root = req->root;
+  const size_t esz = mc_dtype_size(req->dtype), count = req->count;
+  if (s < n - 1)
+    return allreduce_ring(req);
+  if (s == n - 1) {
+    int own = mod(r + 1, n);
+    finish_avg(req, at(req->out, chunk_offset(count, n, own), req->dtype),
+               chunk_count(count, n, own));
+    if (r != root) {
+      mc_step_add(req, true, root, at(req->out, chunk_offset(count, n, own), req->dtype),
+                  chunk_count(count, n, own) * esz);
+      return true;
+    }
+  } else if (r != root) {
+    return false;
+  }
+  /* root: batch b of the other ranks, all tagged as step n-1 like their sends */
+  int first = (s - (n - 1)) * GATHER_BATCH;
+  if (first >= n - 1)
+    return false;
+  for (int i = first; i < first + GATHER_BATCH && i < n - 1; i++) {
+    int peer = mod(root + 1 + i, n), chunk = mod(peer + 1, n);
+    mc_step_add(req, false, peer, at(req->out, chunk_offset(count, n, chunk), req->dtype),
+                chunk_count(count, n, chunk) * esz);
+    req->xfers[req->nxfers - 1].wire_step = n - 1;
+  }
+  return true;
+}
+
+/* The buffer holding a rank's subtree in virtual order (see setup_tree). */
+static char *tree_buf(const mc_request_t *req) {
+  const bool gather = req->kind == MC_OP_GATHER;
+  if (req->tmp)
+    return req->tmp;
+  if (vrank(req) == 0)
+    return gather ? req->out : (char *)req->in;
+  return gather ? (char *)req->in : req->out;
+}
+
+/* Binomial gather, the reduce tree without the reduction: at step k a rank receives its
+ * child's subtree next to its own, or sends its whole subtree to its parent. The root's link
+ * carries the same n-1 blocks as a linear gather, but in log2(n) messages. */
+static bool gather_binomial(mc_request_t *req) {
+  const int n = req->comm->size, v = vrank(req), s = req->step;
+  const size_t bytes = req->count * mc_dtype_size(req->dtype);
+  char *buf = tree_buf(req);
+  if (s >= 31 || (1 << s) >= n) {
+    if (v == 0 && req->tmp) { /* rotate virtual block k to rank (k + root) % n */
+      size_t head = bytes * (n - req->root);
+      memcpy(at(req->out, req->count * req->root, req->dtype), buf, head);
+      memcpy(req->out, buf + head, bytes * req->root);
+    }
+    return false;
+  }
+  const int mask = 1 << s;
+  if (v & (mask - 1))
+    return false;
+  if (v & mask)
+    mc_step_add(req, true, mod(v - mask + req->root, n), buf, bytes * subtree(v, n));
+  else if (v + mask < n)
+    mc_step_add(req, false, mod(v + mask + req->root, n), buf + bytes * mask,
+                bytes * subtree(v + mask, n));
+  return true;
+}
+
+/* Binomial scatter: step 0 receives the rank's subtree from its parent, step 1 sends each
+ * child its part, all at once. Every link carries one message, tagged as step 0 at both ends. */
+static bool scatter_binomial(mc_request_t *req) {
+  const int n = req->comm->size, v = vrank(req);
+  const size_t bytes = req->count * mc_dtype_size(req->dtype);
+  char *buf = tree_buf(req);
+  int low = 1;
+  while (low < n && !(v & low))
+    low <<= 1; /* lowest set bit = link to the parent */
+  if (req->step == 0) {
+    if (v)
+      mc_step_add(req, false, mod(v - low + req->root, n), buf, bytes * subtree(v, n));
+    return true;
+  }
+  if (req->step == 1) {
+    for (int mask = low >> 1; mask > 0; mask >>= 1)
+      if (v + mask < n)
+        mc_step_add(req, true, mod(v + mask + req->root, n), buf + bytes * mask,
+                    bytes * subtree(v + mask, n));
+    for (int i = 0; i < req->nxfers; i++)
+      req->xfers[i].wire_step = 0;
+    return true;
+  }
+  if (v && req->tmp && bytes) /* an inner rank keeps the first block of its subtree */
+    memcpy(req->out, buf, bytes);
+  return false;
+}
+
+/* Pairwise exchange: at distance d rank r sends to r+d and receives from r-d, so every pair
+ * meets exactly once. Step k covers distances [1 + k*B, (k+1)*B] so that small exchanges are
+ * not serialised one peer at a time; the step number is the same at both ends. */
+static bool alltoall_pairwise(mc_request_t *req) {
+  const int n = req->comm->size, r = req->comm->rank, first = 1 + req->step * ALLTOALL_BATCH;
+  const size_t esz = mc_dtype_size(req->dtype);
+  if (first >= n)
+    return false;
+  const size_t *v = req->vcounts; /* alltoallv only */
+  for (int d = first; d < first + ALLTOALL_BATCH && d < n; d++) {
+    int to = mod(r + d, n), from = mod(r - d, n);
+    if (v) {
+      mc_step_add(req, true, to, at((void *)req->in, v[n + to], req->dtype), v[to] * esz);
+      mc_step_add(req, false, from, at(req->out, v[3 * n + from], req->dtype),
+                  v[2 * n + from] * esz);
+    } else {
+      mc_step_add(req, true, to, at((void *)req->in, req->count * to, req->dtype),
+                  req->count * esz);
+      mc_step_add(req, false, from, at(req->out, req->count * from, req->dtype), req->count * esz);
+    }
+  }
+  return true;
+}
+
 static bool allgather_ring(mc_request_t *req) {
   const int n = req->comm->size, r = req->comm->rank, s = req->step;
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
@@ -242,6 +494,14 @@ bool mc_algo_next_step(mc_request_t *req) {
   case MC_OP_ALLGATHER: return req->algo != ALGO_TRIVIAL && allgather_ring(req);
   case MC_OP_REDUCE_SCATTER: return req->algo != ALGO_TRIVIAL && reduce_scatter_ring(req);
   case MC_OP_BROADCAST: return req->algo != ALGO_TRIVIAL && broadcast_binomial(req);
+  case MC_OP_REDUCE:
+    if (req->algo == ALGO_TRIVIAL)
+      return false;
+    return req->algo == ALGO_RING ? reduce_ring(req) : reduce_binomial(req);
+  case MC_OP_GATHER: return req->algo != ALGO_TRIVIAL && gather_binomial(req);
+  case MC_OP_SCATTER: return req->algo != ALGO_TRIVIAL && scatter_binomial(req);
+  case MC_OP_ALLTOALL:
+  case MC_OP_ALLTOALLV: return req->algo != ALGO_TRIVIAL && alltoall_pairwise(req);
   case MC_OP_BARRIER: return req->algo != ALGO_TRIVIAL && barrier_dissemination(req);
   case MC_OP_CONNECT: return connect_lower_first(req);
   case MC_OP_SEND:

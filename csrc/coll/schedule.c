@@ -10,28 +10,41 @@
 #include "internal.h"
 #include "reduce.h"
 
-/* signature (remote CQ data): | count:36 | root:15 | mismatch:1 | redop:4 | dtype:4 | kind:4 | */
-#define SIG_MISMATCH (1ULL << 12)
+/* signature (remote CQ data): | count:35 | root:15 | mismatch:1 | redop:4 | dtype:5 | kind:4 |
+ * alltoallv leaves count 0: its per-peer sizes are checked by the message lengths. */
+#define SIG_MISMATCH (1ULL << 13)
+
+static bool has_root(int kind) {
+  return kind == MC_OP_BROADCAST || kind == MC_OP_REDUCE || kind == MC_OP_GATHER ||
+         kind == MC_OP_SCATTER;
+}
+
+static bool reduces(int kind) {
+  return kind == MC_OP_ALLREDUCE || kind == MC_OP_REDUCE_SCATTER || kind == MC_OP_REDUCE;
+}
 
 static uint64_t signature_of(const mc_request_t *req) {
-  uint64_t root = req->kind == MC_OP_BROADCAST ? (uint64_t)req->root & 0x7fff : 0;
-  bool reduces = req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_REDUCE_SCATTER;
-  uint64_t redop = reduces ? (uint64_t)req->redop : 0;
-  return ((uint64_t)req->count & 0xfffffffffULL) << 28 | root << 13 | redop << 8 |
-         (uint64_t)req->dtype << 4 | (uint64_t)req->kind;
+  uint64_t root = has_root(req->kind) ? (uint64_t)req->root & 0x7fff : 0;
+  uint64_t redop = reduces(req->kind) ? (uint64_t)req->redop : 0;
+  uint64_t count = req->kind == MC_OP_ALLTOALLV ? 0 : (uint64_t)req->count & ((1ULL << 35) - 1);
+  return count << 29 | root << 14 | redop << 9 | (uint64_t)req->dtype << 4 | (uint64_t)req->kind;
 }
 
 static void describe_signature(uint64_t sig, char *out, size_t len) {
-  int kind = sig & 0xf, dtype = (sig >> 4) & 0xf, redop = (sig >> 8) & 0xf;
-  unsigned long long count = sig >> 28;
-  if (kind == MC_OP_ALLREDUCE || kind == MC_OP_REDUCE_SCATTER)
-    snprintf(out, len, "%s of %llu x %s (%s)", mc_op_name(kind), count, mc_dtype_name(dtype),
-             mc_redop_name(redop));
-  else if (kind == MC_OP_BROADCAST)
-    snprintf(out, len, "%s of %llu x %s from root %d", mc_op_name(kind), count,
-             mc_dtype_name(dtype), (int)((sig >> 13) & 0x7fff));
-  else
-    snprintf(out, len, "%s of %llu x %s", mc_op_name(kind), count, mc_dtype_name(dtype));
+  int kind = sig & 0xf, dtype = (sig >> 4) & 0x1f, redop = (sig >> 9) & 0xf;
+  int root = (int)((sig >> 14) & 0x7fff);
+  unsigned long long count = sig >> 29;
+  int n =
+      kind == MC_OP_ALLTOALLV /* sizes per peer: not in the signature */
+          ? snprintf(out, len, "%s of %s", mc_op_name(kind), mc_dtype_name(dtype))
+          : snprintf(out, len, "%s of %llu x %s", mc_op_name(kind), count, mc_dtype_name(dtype));
+  if (n < 0 || (size_t)n >= len)
+    return;
+  if (reduces(kind))
+    n += snprintf(out + n, len - n, " (%s)", mc_redop_name(redop));
+  if (has_root(kind) && (size_t)n < len)
+    snprintf(out + n, len - n, " %s root %d",
+             kind == MC_OP_BROADCAST || kind == MC_OP_SCATTER ? "from" : "to", root);
 }
 
 uint64_t mc_tag(const mc_comm_t *comm, int src, bool p2p, uint32_t payload) {

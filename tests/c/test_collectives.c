@@ -12,6 +12,15 @@ static const size_t counts[] = {0, 1, 2, 7, 1023, 16411, 100003};
 
 /* Writes element i of rank r's input for (dtype, op) as an exactly representable value. */
 static void fill(void *buf, size_t count, mc_dtype_t t, mc_redop_t op, int r) {
+  if (t == MC_COMPLEX64 || t == MC_COMPLEX128) { /* (real, imag) pairs of small integers */
+    fill(buf, 2 * count, t == MC_COMPLEX64 ? MC_FLOAT32 : MC_FLOAT64, op, r);
+    return;
+  }
+  if (mc_dtype_size(t) == 1 && t >= MC_FLOAT8_E4M3FN) { /* float8: moved, never reduced */
+    for (size_t i = 0; i < count; i++)
+      ((uint8_t *)buf)[i] = (uint8_t)(r * 31 + i * 7 + t);
+    return;
+  }
   for (size_t i = 0; i < count; i++) {
     long v;
     if (t == MC_BOOL)
@@ -62,7 +71,7 @@ static int test_allreduce(mc_comm_t *comm) {
   int checks = 0;
   for (int t = 0; t < MC_DTYPE_COUNT; t++)
     for (int op = 0; op < MC_REDOP_COUNT; op++) {
-      if (mc_reduce_supported(t, op) != MC_OK)
+      if (mc_reduce_supported(t, op) != MC_OK || op == MC_PREMUL_SUM)
         continue;
       for (size_t c = 0; c < NCOUNTS; c++) {
         size_t count = counts[c], bytes = count * mc_dtype_size(t);
@@ -101,7 +110,7 @@ static int test_reduce_scatter(mc_comm_t *comm) {
         "in-place reduce_scatter must be rejected: %s", mc_last_error());
   for (int t = 0; t < MC_DTYPE_COUNT; t++)
     for (int op = 0; op < MC_REDOP_COUNT; op++) {
-      if (mc_reduce_supported(t, op) != MC_OK)
+      if (mc_reduce_supported(t, op) != MC_OK || op == MC_PREMUL_SUM)
         continue;
       for (size_t c = 0; c < NCOUNTS - 1; c++) { /* the largest count x ranks is slow here */
         size_t count = counts[c], esz = mc_dtype_size(t), bytes = count * esz;
@@ -165,6 +174,225 @@ static int test_broadcast(mc_comm_t *comm) {
               mc_dtype_name(t), count, root);
         free(buf), free(want);
       }
+  return 0;
+}
+
+/* ---- rooted and all-to-all operations ---- */
+
+static const size_t small_counts[] = {0, 1, 7, 1023, 16411};
+#define NSMALL (sizeof small_counts / sizeof small_counts[0])
+
+/* want = op over ranks r of fill(r) (each input scaled by factor(r) for PREMUL_SUM), computed
+ * rank by rank in plain code. `n_blocks` blocks of `count` elements. */
+static double premul_factor(int r) { return 0.5 * (r + 1); }
+
+static void expected(char *want, size_t count, mc_dtype_t t, mc_redop_t op, int n) {
+  char *peer = malloc(count * mc_dtype_size(t) + 1);
+  mc_redop_t fill_op = op == MC_PREMUL_SUM ? MC_SUM : op;
+  fill(want, count, t, fill_op, 0);
+  if (op == MC_PREMUL_SUM)
+    mc_premul(want, want, count, t, premul_factor(0));
+  for (int r = 1; r < n; r++) {
+    fill(peer, count, t, fill_op, r);
+    if (op == MC_PREMUL_SUM)
+      mc_premul(peer, peer, count, t, premul_factor(r));
+    mc_reduce_local(want, peer, count, t, op);
+  }
+  if (op == MC_AVG)
+    mc_scale_div(want, count, t, n);
+  free(peer);
+}
+
+/* Bit-exact, except that complex products may differ in the sign of a zero part: which zero
+ * comes out depends on the order the tree multiplies in (a*d + b*c with exact values). */
+static bool same_result(const char *got, const char *want, size_t count, mc_dtype_t t) {
+  if (!memcmp(got, want, count * mc_dtype_size(t)))
+    return true;
+  for (size_t i = 0; i < 2 * count && (t == MC_COMPLEX64 || t == MC_COMPLEX128); i++)
+    if (t == MC_COMPLEX64 ? ((const float *)got)[i] != ((const float *)want)[i]
+                          : ((const double *)got)[i] != ((const double *)want)[i])
+      return false;
+  return t == MC_COMPLEX64 || t == MC_COMPLEX128;
+}
+
+static int check_reduce(mc_comm_t *comm, mc_dtype_t t, mc_redop_t op, size_t count, int root,
+                        bool inplace) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  const size_t bytes = count * mc_dtype_size(t);
+  char *in = malloc(bytes + 1), *orig = malloc(bytes + 1), *want = malloc(bytes + 1);
+  char *out = me == root ? malloc(bytes + 1) : NULL;
+  fill(in, count, t, op == MC_PREMUL_SUM ? MC_SUM : op, me);
+  memcpy(orig, in, bytes);
+  const void *src = in;
+  if (inplace && me == root)
+    memcpy(out, in, bytes), src = out;
+  mc_request_t *req;
+  if (op == MC_PREMUL_SUM)
+    RUN_OK(req, mc_reduce_premul(comm, src, out, count, t, premul_factor(me), root, &req));
+  else
+    RUN_OK(req, mc_reduce(comm, src, out, count, t, op, root, &req));
+  CHECK(!memcmp(in, orig, bytes), "reduce %s %s count %zu: input modified", mc_dtype_name(t),
+        mc_redop_name(op), count);
+  if (me == root) {
+    expected(want, count, t, op, n);
+    CHECK(same_result(out, want, count, t), "reduce %s %s count %zu root %d%s: wrong result",
+          mc_dtype_name(t), mc_redop_name(op), count, root, inplace ? " in place" : "");
+  }
+  free(in), free(orig), free(want), free(out);
+  return 0;
+}
+
+static int test_reduce_to_root(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm);
+  int combo = 0;
+  for (int t = 0; t < MC_DTYPE_COUNT; t++)
+    for (int op = 0; op < MC_REDOP_COUNT; op++) {
+      if (mc_reduce_supported(t, op) != MC_OK || op == MC_PREMUL_SUM)
+        continue;
+      for (size_t c = 0; c < NSMALL; c++, combo++)
+        if (check_reduce(comm, t, op, small_counts[c], combo % n, c % 2))
+          return 1;
+    }
+  /* every root on both algorithms (binomial below MC_RING_MIN_BYTES, ring + gather above) */
+  static const size_t root_counts[] = {3, 1023, 100003};
+  for (int root = 0; root < n; root++)
+    for (size_t c = 0; c < 3; c++)
+      if (check_reduce(comm, MC_FLOAT32, MC_SUM, root_counts[c], root, false) ||
+          check_reduce(comm, MC_INT64, c % 2 ? MC_AVG : MC_BXOR, root_counts[c], root, true))
+        return 1;
+  return 0;
+}
+
+/* Gather and scatter: every root x dtype x count, in place every other time. */
+static int test_gather(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  for (int root = 0; root < n; root++)
+    for (int t = 0; t < MC_DTYPE_COUNT; t++)
+      for (size_t c = 0; c < NSMALL; c++) {
+        size_t count = small_counts[c], bytes = count * mc_dtype_size(t);
+        char *in = malloc(bytes + 1), *out = malloc(bytes * n + 1), *want = malloc(bytes * n + 1);
+        fill(in, count, t, MC_SUM, me);
+        for (int r = 0; r < n; r++)
+          fill(want + r * bytes, count, t, MC_SUM, r);
+        memset(out, 0x5a, bytes * n);
+        bool inplace = me == root && (c + root) % 2;
+        if (inplace)
+          memcpy(out + root * bytes, in, bytes);
+        mc_request_t *req;
+        RUN_OK(req, mc_gather(comm, inplace ? out + root * bytes : in, me == root ? out : NULL,
+                              count, t, root, &req));
+        CHECK(me != root || !memcmp(out, want, bytes * n), "gather %s count %zu root %d: wrong",
+              mc_dtype_name(t), count, root);
+        free(in), free(out), free(want);
+      }
+  return 0;
+}
+
+static int test_scatter(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  for (int root = 0; root < n; root++)
+    for (int t = 0; t < MC_DTYPE_COUNT; t++)
+      for (size_t c = 0; c < NSMALL; c++) {
+        size_t count = small_counts[c], bytes = count * mc_dtype_size(t);
+        char *in = malloc(bytes * n + 1), *out = malloc(bytes + 1), *want = malloc(bytes + 1);
+        for (int r = 0; r < n; r++)
+          fill(in + r * bytes, count, t, MC_SUM, r + 3);
+        fill(want, count, t, MC_SUM, me + 3);
+        memset(out, 0x5a, bytes);
+        bool inplace = me == root && (c + root) % 2;
+        mc_request_t *req;
+        RUN_OK(req, mc_scatter(comm, me == root ? in : NULL, inplace ? in + root * bytes : out,
+                               count, t, root, &req));
+        CHECK(!memcmp(inplace ? in + root * bytes : out, want, bytes),
+              "scatter %s count %zu root %d: wrong", mc_dtype_name(t), count, root);
+        free(in), free(out), free(want);
+      }
+  return 0;
+}
+
+static int test_alltoall(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  for (int t = 0; t < MC_DTYPE_COUNT; t++)
+    for (size_t c = 0; c < NSMALL; c++) {
+      size_t count = small_counts[c], bytes = count * mc_dtype_size(t);
+      char *in = malloc(bytes * n + 1), *out = malloc(bytes * n + 1), *want = malloc(bytes * n + 1);
+      for (int j = 0; j < n; j++) { /* block for rank j from rank r is fill(r * n + j) */
+        fill(in + j * bytes, count, t, MC_SUM, me * n + j);
+        fill(want + j * bytes, count, t, MC_SUM, j * n + me);
+      }
+      mc_request_t *req;
+      RUN_OK(req, mc_alltoall(comm, in, out, count, t, &req));
+      CHECK(!memcmp(out, want, bytes * n), "alltoall %s count %zu: wrong", mc_dtype_name(t), count);
+      free(in), free(out), free(want);
+    }
+  return 0;
+}
+
+/* Elements rank `from` sends to rank `to` in pattern k: uneven, often zero. */
+static size_t vcount(int from, int to, int k) {
+  if ((from + 2 * to + k) % 4 == 0)
+    return 0;
+  size_t c = (size_t)(from * 5 + to * 3 + k) % 13;
+  return k == 3 ? c * 2001 : c; /* pattern 3: large messages */
+}
+
+static int test_alltoallv(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  size_t *sc = calloc(n, sizeof *sc), *sd = calloc(n, sizeof *sd), *rc = calloc(n, sizeof *rc),
+         *rd = calloc(n, sizeof *rd);
+  for (int k = 0; k < 4; k++)
+    for (int t = 0; t < MC_DTYPE_COUNT; t += (k == 3 ? 5 : 1)) {
+      const size_t esz = mc_dtype_size(t);
+      size_t send_total = 0, recv_total = 0;
+      for (int j = 0; j < n; j++) { /* blocks in reverse rank order, with one-element gaps */
+        int b = n - 1 - j;
+        sc[b] = vcount(me, b, k), sd[b] = send_total, send_total += sc[b] + 1;
+        rc[b] = vcount(b, me, k), rd[b] = recv_total, recv_total += rc[b] + (j % 2);
+      }
+      char *in = malloc(send_total * esz + 1), *out = malloc(recv_total * esz + 1),
+           *want = malloc(recv_total * esz + 1);
+      memset(in, 0x11, send_total * esz);
+      memset(out, 0x5a, recv_total * esz);
+      memset(want, 0x5a, recv_total * esz);
+      for (int j = 0; j < n; j++) {
+        fill(in + sd[j] * esz, sc[j], t, MC_SUM, me * n + j);
+        fill(want + rd[j] * esz, rc[j], t, MC_SUM, j * n + me);
+      }
+      mc_request_t *req;
+      RUN_OK(req, mc_alltoallv(comm, in, sc, sd, out, rc, rd, t, &req));
+      CHECK(!memcmp(out, want, recv_total * esz), "alltoallv %s pattern %d: wrong (gaps included)",
+            mc_dtype_name(t), k);
+      free(in), free(out), free(want);
+    }
+  free(sc), free(sd), free(rc), free(rd);
+  return 0;
+}
+
+/* PREMUL_SUM through allreduce, reduce_scatter and reduce; each rank has its own factor. */
+static int test_premul(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
+  for (int t = 0; t < MC_DTYPE_COUNT; t++) {
+    if (mc_reduce_supported(t, MC_PREMUL_SUM) != MC_OK)
+      continue;
+    for (size_t c = 0; c < NSMALL; c++) {
+      size_t count = small_counts[c], esz = mc_dtype_size(t), bytes = count * esz;
+      char *in = malloc(bytes * n + 1), *out = malloc(bytes * n + 1), *want = malloc(bytes * n + 1);
+      mc_request_t *req;
+      fill(in, count, t, MC_SUM, me);
+      expected(want, count, t, MC_PREMUL_SUM, n);
+      RUN_OK(req, mc_allreduce_premul(comm, in, out, count, t, premul_factor(me), &req));
+      CHECK(!memcmp(out, want, bytes), "allreduce premul %s count %zu: wrong", mc_dtype_name(t),
+            count);
+      fill(in, count * n, t, MC_SUM, me);
+      expected(want, count * n, t, MC_PREMUL_SUM, n);
+      RUN_OK(req, mc_reduce_scatter_premul(comm, in, out, count, t, premul_factor(me), &req));
+      CHECK(!memcmp(out, want + me * bytes, bytes), "reduce_scatter premul %s count %zu: wrong",
+            mc_dtype_name(t), count);
+      free(in), free(out), free(want);
+      if (check_reduce(comm, t, MC_PREMUL_SUM, count, (int)(c % n), c % 2))
+        return 1;
+    }
+  }
   return 0;
 }
 
@@ -289,8 +517,9 @@ static int body(mc_comm_t *comm, void *arg) {
   RUN_OK(req, mc_barrier(comm, &req));
   const char *only = getenv("MC_TEST_ONLY"); /* e.g. "p2p" while debugging */
 #define PART(name) ((!only || strstr(only, #name)) && test_##name(comm))
-  if (PART(allreduce) || PART(reduce_scatter) || PART(allgather) || PART(broadcast) || PART(p2p) ||
-      PART(outstanding) || PART(order) || PART(large))
+  if (PART(allreduce) || PART(reduce_scatter) || PART(allgather) || PART(broadcast) ||
+      PART(reduce_to_root) || PART(gather) || PART(scatter) || PART(alltoall) || PART(alltoallv) ||
+      PART(premul) || PART(p2p) || PART(outstanding) || PART(order) || PART(large))
     return 1;
   RUN_OK(req, mc_barrier(comm, &req));
   if (mc_comm_rank(comm) == 0)

@@ -137,6 +137,38 @@ static int scenario_invalid(mc_comm_t *comm, void *arg) {
   REJECT(MC_ERR_UNSUPPORTED, "allreduce", "not supported",
          mc_allreduce(comm, b, b, 8, MC_BOOL, MC_AVG, &req));
   CHECK(HAS(mc_last_error(), "bool"), "unsupported message '%s' lacks the dtype", mc_last_error());
+  /* new ops and reduce ops: unsupported combinations fail before anything is queued */
+  REJECT(MC_ERR_UNSUPPORTED, "allreduce", "float8_e4m3fn",
+         mc_allreduce(comm, b, b, 8, MC_FLOAT8_E4M3FN, MC_SUM, &req));
+  REJECT(MC_ERR_UNSUPPORTED, "reduce", "float8_e5m2",
+         mc_reduce(comm, b, b, 8, MC_FLOAT8_E5M2, MC_MAX, 0, &req));
+  REJECT(MC_ERR_UNSUPPORTED, "reduce", "band",
+         mc_reduce(comm, f, f, 8, MC_FLOAT32, MC_BAND, 0, &req));
+  REJECT(MC_ERR_UNSUPPORTED, "reduce_scatter", "min",
+         mc_reduce_scatter(comm, g, f, 4, MC_COMPLEX64, MC_MIN, &req));
+  REJECT(MC_ERR_UNSUPPORTED, "allreduce", "premul_sum",
+         mc_allreduce_premul(comm, f, f, 8, MC_INT32, 2.0, &req));
+  REJECT(MC_ERR_UNSUPPORTED, "reduce", "premul_sum",
+         mc_reduce_premul(comm, f, f, 4, MC_COMPLEX64, 2.0, 0, &req));
+  REJECT(MC_ERR_INVALID, "allreduce", "premul",
+         mc_allreduce(comm, f, f, 8, MC_FLOAT32, MC_PREMUL_SUM, &req));
+  REJECT(MC_ERR_INVALID, "reduce", "root", mc_reduce(comm, f, f, 8, MC_FLOAT32, MC_SUM, n, &req));
+  REJECT(MC_ERR_INVALID, "reduce", "null buffer",
+         mc_reduce(comm, NULL, f, 8, MC_FLOAT32, MC_SUM, 0, &req));
+  REJECT(MC_ERR_INVALID, "gather", "root", mc_gather(comm, f, g, 1, MC_FLOAT32, -1, &req));
+  REJECT(MC_ERR_INVALID, "gather", "null buffer", mc_gather(comm, NULL, g, 1, MC_FLOAT32, 0, &req));
+  REJECT(MC_ERR_INVALID, "scatter", "root", mc_scatter(comm, g, f, 1, MC_FLOAT32, n, &req));
+  REJECT(MC_ERR_INVALID, "scatter", "null buffer",
+         mc_scatter(comm, g, NULL, 1, MC_FLOAT32, 0, &req));
+  REJECT(MC_ERR_INVALID, "alltoall", "overlaps", mc_alltoall(comm, g, g + 1, 2, MC_FLOAT32, &req));
+  REJECT(MC_ERR_INVALID, "alltoall", "dtype", mc_alltoall(comm, g, f, 1, (mc_dtype_t)99, &req));
+  size_t ones[64], zeros[64] = {0};
+  for (int i = 0; i < 64; i++)
+    ones[i] = 1;
+  REJECT(MC_ERR_INVALID, "alltoallv", "null count",
+         mc_alltoallv(comm, g, NULL, zeros, f, ones, zeros, MC_FLOAT32, &req));
+  REJECT(MC_ERR_INVALID, "alltoallv", "null buffer",
+         mc_alltoallv(comm, NULL, ones, zeros, f, ones, zeros, MC_FLOAT32, &req));
   /* count 0 with null buffers is legal */
   mc_request_t *req;
   RUN_OK(req, mc_allreduce(comm, NULL, NULL, 0, MC_FLOAT32, MC_SUM, &req));
@@ -174,6 +206,64 @@ static int mismatch_allreduce(mc_comm_t *comm, int odd, size_t count, size_t odd
   mc_request_free(req);
   free(buf);
   return allreduce_ok(comm, 1000);
+}
+
+/* Waits for a mismatched call: `detects` ranks must report MC_ERR_MISMATCH naming the op, the
+ * others may have completed first. The communicator must work afterwards. */
+static int expect_mismatch(mc_comm_t *comm, mc_request_t *req, bool detects, const char *what,
+                           const char *op) {
+  const int me = mc_comm_rank(comm);
+  mc_status_t st = mc_wait(req, 20000);
+  const char *msg = mc_request_error(req);
+  if (detects) {
+    CHECK(st == MC_ERR_MISMATCH, "rank %d: %s: got %s (%s)", me, what, mc_status_str(st), msg);
+    CHECK(HAS(msg, rank_str(me), op) && (HAS(msg, "called") || HAS(msg, "sent")),
+          "rank %d: %s: message '%s'", me, what, msg);
+  } else {
+    CHECK(st == MC_OK || st == MC_ERR_MISMATCH, "rank %d: %s: got %s (%s)", me, what,
+          mc_status_str(st), msg);
+  }
+  mc_request_free(req);
+  return allreduce_ok(comm, 1000);
+}
+
+/* reduce, gather, scatter, alltoall(v) where the last rank's count differs: the ranks that
+ * receive from it report the mismatch. */
+static int mismatch_new_ops(mc_comm_t *comm) {
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm), odd = n - 1;
+  const size_t mine = me == odd ? 12 : 10;
+  int32_t in[64] = {0}, *out = calloc(12 * n, sizeof *out);
+  mc_request_t *req;
+  CHECK(mc_reduce(comm, in, out, mine, MC_INT32, MC_SUM, 0, &req) == MC_OK, "%s", mc_last_error());
+  if (expect_mismatch(comm, req, me == 0, "reduce 10 vs 12", "reduce"))
+    return 1;
+  CHECK(mc_reduce(comm, in, out, 10, me == odd ? MC_FLOAT32 : MC_INT32, MC_SUM, 0, &req) == MC_OK,
+        "%s", mc_last_error());
+  if (expect_mismatch(comm, req, me == 0, "reduce int32 vs float32", "reduce"))
+    return 1;
+  CHECK(mc_gather(comm, in, out, mine, MC_INT32, 0, &req) == MC_OK, "%s", mc_last_error());
+  if (expect_mismatch(comm, req, me == 0, "gather 10 vs 12", "gather"))
+    return 1;
+  CHECK(mc_scatter(comm, in, out, me == 0 ? 5 : 4, MC_INT32, 0, &req) == MC_OK, "%s",
+        mc_last_error());
+  if (expect_mismatch(comm, req, me != 0, "scatter 5 vs 4", "scatter"))
+    return 1;
+  CHECK(mc_alltoall(comm, in, out, me == odd ? 5 : 4, MC_INT32, &req) == MC_OK, "%s",
+        mc_last_error());
+  if (expect_mismatch(comm, req, true, "alltoall 4 vs 5", "alltoall"))
+    return 1;
+  /* alltoallv: rank odd sends 3 elements to rank 0, which expects 2 */
+  size_t sc[64], sd[64], rc[64], rd[64];
+  for (int j = 0; j < n; j++) {
+    sc[j] = me == odd && j == 0 ? 3 : 2, sd[j] = 3 * (size_t)j;
+    rc[j] = 2, rd[j] = 3 * (size_t)j;
+  }
+  CHECK(mc_alltoallv(comm, in, sc, sd, out, rc, rd, MC_INT32, &req) == MC_OK, "%s",
+        mc_last_error());
+  if (expect_mismatch(comm, req, me == 0 || (me == odd && n == 1), "alltoallv 3 vs 2", "alltoallv"))
+    return 1;
+  free(out);
+  return 0;
 }
 
 static int scenario_mismatch(mc_comm_t *comm, void *arg) {
@@ -238,6 +328,9 @@ static int scenario_mismatch(mc_comm_t *comm, void *arg) {
       return 1;
   }
 
+  if (mismatch_new_ops(comm))
+    return 1;
+
   /* p2p: sender short, then sender long */
   if (me == 0) {
     int32_t buf[100];
@@ -275,8 +368,8 @@ static int scenario_mismatch(mc_comm_t *comm, void *arg) {
   if (allreduce_ok(comm, 100003))
     return 1;
   if (me == 0)
-    printf("scenario 2 (mismatch): allreduce rd/ring count+dtype, allgather, broadcast, p2p "
-           "short/long all detected; communicator still works\n");
+    printf("scenario 2 (mismatch): allreduce rd/ring count+dtype, allgather, broadcast, reduce, "
+           "gather, scatter, alltoall(v), p2p short/long all detected; communicator still works\n");
   return 0;
 }
 

@@ -263,7 +263,9 @@ static void ref_reduce(mc_dtype_t d, mc_redop_t op, const void *a, const void *b
                        size_t i) {
   if (d == MC_BOOL) {
     int x = get_int(d, a, i) != 0, y = get_int(d, b, i) != 0;
-    int r = (op == MC_SUM || op == MC_AVG || op == MC_MAX) ? (x || y) : (x && y);
+    int r = op == MC_BXOR                                                    ? x ^ y
+            : (op == MC_SUM || op == MC_AVG || op == MC_MAX || op == MC_BOR) ? (x || y)
+                                                                             : (x && y);
     put_int(d, out, i, r);
   } else if (is_float(d)) {
     double x = get_float(d, a, i), y = get_float(d, b, i), r;
@@ -282,6 +284,9 @@ static void ref_reduce(mc_dtype_t d, mc_redop_t op, const void *a, const void *b
     case MC_PRODUCT: r = wrap_int(d, (uint64_t)x * (uint64_t)y); break;
     case MC_MIN: r = x < y ? x : y; break;
     case MC_MAX: r = x > y ? x : y; break;
+    case MC_BAND: r = x & y; break;
+    case MC_BOR: r = wrap_int(d, (uint64_t)(x | y)); break;
+    case MC_BXOR: r = wrap_int(d, (uint64_t)(x ^ y)); break;
     default: r = wrap_int(d, (uint64_t)x + (uint64_t)y); break;
     }
     put_int(d, out, i, r);
@@ -304,6 +309,8 @@ static void test_reduce_all(const char *path) {
   for (int di = 0; di < MC_DTYPE_COUNT; di++) {
     mc_dtype_t d = (mc_dtype_t)di;
     size_t size = mc_dtype_size(d);
+    if (d == MC_COMPLEX64 || d == MC_COMPLEX128)
+      continue; /* test_complex */
     for (int oi = 0; oi < MC_REDOP_COUNT; oi++) {
       mc_redop_t op = (mc_redop_t)oi;
       if (mc_reduce_supported(d, op) != MC_OK)
@@ -450,8 +457,8 @@ static void test_scale_div(const char *path) {
                                  1000, 32767, 32768, 65535, 1 << 20, 16777217, INT_MAX};
   for (int di = 0; di < MC_DTYPE_COUNT; di++) {
     mc_dtype_t d = (mc_dtype_t)di;
-    if (d == MC_BOOL)
-      continue;
+    if (mc_reduce_supported(d, MC_AVG) != MC_OK || d == MC_COMPLEX64 || d == MC_COMPLEX128)
+      continue; /* complex: test_complex */
     for (size_t c = 0; c < NCOUNTS; c++) {
       for (size_t k = 0; k < sizeof divisors / sizeof divisors[0]; k++) {
         size_t n = counts[c];
@@ -533,13 +540,116 @@ static void test_scale_div(const char *path) {
   mc_scale_div(NULL, 0, MC_FLOAT32, 2);
 }
 
+/* ---- Complex numbers and PREMUL_SUM scaling ---- */
+
+/* Complex SUM/AVG/PRODUCT against the textbook formulas in the part type (float or double). */
+static void test_complex(void) {
+  for (int k = 0; k < 2; k++) {
+    mc_dtype_t d = k ? MC_COMPLEX128 : MC_COMPLEX64, part = k ? MC_FLOAT64 : MC_FLOAT32;
+    for (size_t c = 0; c < NCOUNTS; c++) {
+      size_t n = counts[c];
+      unsigned char *a = malloc(n * 16 + 1), *b = malloc(n * 16 + 1), *x = malloc(n * 16 + 1),
+                    *want = malloc(n * 16 + 1);
+      fill_random(part, a, 2 * n);
+      fill_random(part, b, 2 * n);
+      for (int oi = 0; oi < 3; oi++) {
+        mc_redop_t op = (mc_redop_t)oi; /* SUM, AVG, PRODUCT */
+        memcpy(x, a, n * mc_dtype_size(d));
+        mc_reduce_local(x, b, n, d, op);
+        for (size_t i = 0; i < n; i++) {
+          double ar = get_float(part, a, 2 * i), ai = get_float(part, a, 2 * i + 1);
+          double br = get_float(part, b, 2 * i), bi = get_float(part, b, 2 * i + 1), re, im;
+          if (op != MC_PRODUCT) {
+            re = k ? ar + br : (float)ar + (float)br;
+            im = k ? ai + bi : (float)ai + (float)bi;
+          } else if (k) {
+            re = ar * br - ai * bi, im = ar * bi + ai * br;
+          } else {
+            float fr = (float)ar * (float)br - (float)ai * (float)bi;
+            float fi = (float)ar * (float)bi + (float)ai * (float)br;
+            re = fr, im = fi;
+          }
+          put_float(part, want, 2 * i, re);
+          put_float(part, want, 2 * i + 1, im);
+          CHECK(same_element(part, op, x, want, 2 * i) &&
+                    same_element(part, op, x, want, 2 * i + 1),
+                "%s %s i=%zu: got (%g, %g) want (%g, %g)", mc_dtype_name(d), mc_redop_name(op), i,
+                get_float(part, x, 2 * i), get_float(part, x, 2 * i + 1), re, im);
+        }
+      }
+      /* AVG's division: each part on its own */
+      memcpy(x, a, n * mc_dtype_size(d));
+      mc_scale_div(x, n, d, 3);
+      memcpy(want, a, n * mc_dtype_size(d));
+      mc_scale_div(want, 2 * n, part, 3);
+      CHECK(memcmp(x, want, n * mc_dtype_size(d)) == 0, "%s / 3 differs from its parts / 3",
+            mc_dtype_name(d));
+      free(a), free(b), free(x), free(want);
+    }
+  }
+  /* (1+2i)(3+4i) = -5+10i */
+  float p[2] = {1, 2}, q[2] = {3, 4};
+  mc_reduce_local(p, q, 1, MC_COMPLEX64, MC_PRODUCT);
+  CHECK(p[0] == -5 && p[1] == 10, "complex64 (1+2i)(3+4i) = %g%+gi", p[0], p[1]);
+}
+
+static void test_premul(void) {
+  static const double factors[] = {0.5, 2, -3, 0.1, 1e-3, 65536};
+  static const mc_dtype_t floats[] = {MC_FLOAT32, MC_FLOAT64, MC_FLOAT16, MC_BFLOAT16};
+  for (size_t t = 0; t < 4; t++)
+    for (size_t k = 0; k < sizeof factors / sizeof factors[0]; k++) {
+      mc_dtype_t d = floats[t];
+      size_t n = 1000, size = mc_dtype_size(d);
+      unsigned char *in = malloc(n * size), *out = malloc(n * size), *want = malloc(n * size);
+      fill_random(d, in, n);
+      for (size_t i = 0; i < n; i++) {
+        double x = get_float(d, in, i);
+        put_float(d, want, i,
+                  d == MC_FLOAT64 ? x * factors[k] : (double)((float)x * (float)factors[k]));
+      }
+      mc_premul(out, in, n, d, factors[k]);
+      for (size_t i = 0; i < n; i++)
+        CHECK(same_element(d, MC_SUM, out, want, i), "premul %s x %g i=%zu", mc_dtype_name(d),
+              factors[k], i);
+      mc_premul(in, in, n, d, factors[k]); /* in place */
+      for (size_t i = 0; i < n; i++)
+        CHECK(same_element(d, MC_SUM, in, want, i), "premul in place %s x %g i=%zu",
+              mc_dtype_name(d), factors[k], i);
+      free(in), free(out), free(want);
+    }
+}
+
 /* ---- Tables and edge cases of the API ---- */
 
+/* The support matrix, written out from the spec rather than from the kernel table. */
+static int expected_support(mc_dtype_t d, mc_redop_t op) {
+  int integer = d == MC_INT8 || d == MC_INT16 || d == MC_INT32 || d == MC_INT64 || d == MC_UINT8;
+  int complex = d == MC_COMPLEX64 || d == MC_COMPLEX128;
+  switch (op) {
+  case MC_SUM:
+  case MC_PRODUCT: return is_float(d) || integer || complex || d == MC_BOOL;
+  case MC_AVG: return is_float(d) || integer || complex;
+  case MC_MIN:
+  case MC_MAX: return is_float(d) || integer || d == MC_BOOL;
+  case MC_BAND:
+  case MC_BOR:
+  case MC_BXOR: return integer || d == MC_BOOL;
+  case MC_PREMUL_SUM: return is_float(d);
+  default: return 0;
+  }
+}
+
 static void test_tables(void) {
-  static const char *const dtype_names[] = {"float32", "float64", "float16", "bfloat16", "int8",
-                                            "int16",   "int32",   "int64",   "uint8",    "bool"};
-  static const size_t sizes[] = {4, 8, 2, 2, 1, 2, 4, 8, 1, 1};
-  static const char *const op_names[] = {"sum", "avg", "product", "min", "max"};
+  static const char *const dtype_names[] = {
+      "float32",         "float64",       "float16",       "bfloat16",    "int8",
+      "int16",           "int32",         "int64",         "uint8",       "bool",
+      "complex64",       "complex128",    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+      "float8_e5m2fnuz", "float8_e8m0fnu"};
+  static const size_t sizes[] = {4, 8, 2, 2, 1, 2, 4, 8, 1, 1, 8, 16, 1, 1, 1, 1, 1};
+  static const char *const op_names[] = {"sum",  "avg", "product", "min",       "max",
+                                         "band", "bor", "bxor",    "premul_sum"};
+  _Static_assert(sizeof sizes / sizeof sizes[0] == MC_DTYPE_COUNT, "dtype table");
+  _Static_assert(sizeof op_names / sizeof op_names[0] == MC_REDOP_COUNT, "op table");
   for (int d = 0; d < MC_DTYPE_COUNT; d++) {
     CHECK(strcmp(mc_dtype_name((mc_dtype_t)d), dtype_names[d]) == 0, "dtype %d name %s", d,
           mc_dtype_name((mc_dtype_t)d));
@@ -557,7 +667,8 @@ static void test_tables(void) {
 
   for (int d = 0; d < MC_DTYPE_COUNT; d++)
     for (int op = 0; op < MC_REDOP_COUNT; op++) {
-      mc_status_t want = (d == MC_BOOL && op == MC_AVG) ? MC_ERR_UNSUPPORTED : MC_OK;
+      mc_status_t want =
+          expected_support((mc_dtype_t)d, (mc_redop_t)op) ? MC_OK : MC_ERR_UNSUPPORTED;
       CHECK(mc_reduce_supported((mc_dtype_t)d, (mc_redop_t)op) == want, "supported(%s, %s)",
             dtype_names[d], op_names[op]);
     }
@@ -612,7 +723,9 @@ int main(void) {
     test_reduce_all(paths[p]);
     test_half_cases(paths[p]);
     test_scale_div(paths[p]);
+    test_premul();
   }
+  test_complex();
   if (failures) {
     printf("test_reduce: %ld of %ld checks FAILED\n", failures, checks);
     return 1;

@@ -309,6 +309,328 @@ def check_p2p(c, rank, world, gloo):
 
 
 
+# ---- reduce, gather, scatter, all-to-all, new reduce ops and dtypes -------------------------
+
+COMPLEX = [torch.complex64, torch.complex128]
+FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+          torch.float8_e8m0fnu]
+INTS = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
+BITWISE = [R.BAND, R.BOR, R.BXOR]
+
+
+def make_any(dt, op, n, rank, seed):
+    """make_input, extended to complex (exact parts) and float8 (arbitrary bytes)."""
+    if dt in COMPLEX:
+        part = torch.float32 if dt == torch.complex64 else torch.float64
+        return torch.complex(make_input(part, op, n, rank, seed),
+                             make_input(part, op, n, rank, seed + 99991))
+    if dt in FLOAT8:
+        g = torch.Generator().manual_seed(seed * 7919 + rank)
+        return torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).view(dt)
+    return make_input(dt, op, n, rank, seed)
+
+
+def local_reduction(xs, op, world):
+    """Plain torch computation of op over the list of every rank's tensor."""
+    import functools
+    dt = xs[0].dtype
+    if op in BITWISE:
+        fn = {R.BAND: torch.bitwise_and, R.BOR: torch.bitwise_or, R.BXOR: torch.bitwise_xor}[op]
+        return functools.reduce(fn, xs)
+    s = torch.stack(xs)
+    if dt in COMPLEX:
+        if op == R.PRODUCT:
+            return functools.reduce(torch.mul, xs)
+        total = s.sum(0)
+        return total / world if op == R.AVG else total
+    if dt == torch.bool:
+        return s.any(0) if op in (R.SUM, R.MAX) else s.all(0)
+    if dt in FLOATS:  # exact inputs: float64 holds every partial result exactly
+        d = s.double()
+        r = {R.SUM: d.sum(0), R.AVG: d.sum(0) / world, R.PRODUCT: d.prod(0),
+             R.MIN: d.amin(0), R.MAX: d.amax(0)}[op]
+        return r.to(dt)
+    i = s.to(torch.int64)
+    r = {R.SUM: i.sum(0), R.AVG: torch.div(i.sum(0), world, rounding_mode="trunc"),
+         R.PRODUCT: i.prod(0), R.MIN: i.amin(0), R.MAX: i.amax(0)}[op]
+    return r.to(dt)
+
+
+def avg_tol(dt, op):
+    if op != R.AVG or dt not in FLOATS | set(COMPLEX):
+        return 0.0
+    return 1e-2 if dt in (torch.float16, torch.bfloat16) else 1e-6
+
+
+def equal_any(c, cat, name, got, exp, tol=0.0):
+    if got.is_complex() and tol:
+        return c.equal(cat, name, torch.view_as_real(got), torch.view_as_real(exp), tol, tol)
+    if got.dtype in FLOAT8:  # no comparison kernels for float8: compare the bytes
+        return c.equal(cat, name, got.view(torch.uint8), exp.view(torch.uint8))
+    c.equal(cat, name, got, exp, rtol=tol, atol=tol)
+
+
+def check_reduce(c, rank, world, gloo):
+    """dist.reduce to every root, every dtype x op (new ops included), vs a plain computation;
+    gloo's reduce too where it supports the op."""
+    seed = 7000
+    for dt in DTYPES + COMPLEX:
+        ops = OPS + (BITWISE if dt in INTS or dt == torch.bool else [])
+        for op in ops:
+            if (dt == torch.bool and op == R.AVG) or (dt in COMPLEX and op in (R.MIN, R.MAX)):
+                continue
+            for n in (0, 7, 1 << 15):
+                seed += 1
+                root = seed % world
+                name = f"reduce {dt} {op} n={n} root={root}"
+                x = make_any(dt, op, n, rank, seed)
+                allx = gather_bytes(x, world, gloo)  # collective: every rank, outside body
+
+                def body(x=x, op=op, root=root, name=name, dt=dt, allx=allx):
+                    got = x.clone()
+                    dist.reduce(got, dst=root, op=op)
+                    if rank == root:
+                        exp = local_reduction(allx, op, world)
+                        equal_any(c, "reduce", name, got, exp, avg_tol(dt, op))
+                    else:
+                        c.equal("reduce", name + " (non-root unchanged)", got, x)
+                    if dt in (torch.float32, torch.int64) and op in (R.SUM, R.MAX):
+                        ref = x.clone()  # gloo leaves partial sums on non-roots: root only
+                        dist.reduce(ref, dst=root, op=op, group=gloo)
+                        if rank == root:
+                            c.equal("reduce", name + " vs gloo", got, ref)
+                c.guard("reduce", name, body)
+
+
+def check_gather_scatter(c, rank, world, gloo):
+    seed = 8000
+    for dt in DTYPES + COMPLEX + FLOAT8:
+        for n in (0, 5, 1 << 14):
+            seed += 1
+            root = seed % world
+            x = make_any(dt, R.SUM, n, rank, seed)
+            allx = gather_bytes(x, world, gloo)
+
+            def gat(x=x, root=root, dt=dt, n=n, allx=allx):
+                outs = [torch.full_like(x, 0) for _ in range(world)] if rank == root else None
+                dist.gather(x, outs, dst=root)
+                if rank == root:
+                    for r in range(world):
+                        equal_any(c, "gather", f"gather {dt} n={n} root={root} block {r}",
+                                  outs[r], allx[r])
+                if dt == torch.float32:
+                    refs = [torch.zeros_like(x) for _ in range(world)] if rank == root else None
+                    dist.gather(x, refs, dst=root, group=gloo)
+                    if rank == root:
+                        for r in range(world):
+                            c.equal("gather", f"gather {dt} n={n} vs gloo {r}", outs[r], refs[r])
+            c.guard("gather", f"gather {dt} n={n}", gat)
+
+            def sca(dt=dt, n=n, root=root, allx=allx):
+                # root scatters every rank's input (as gathered): rank r gets allx[r]
+                got = torch.full_like(allx[rank], 0)
+                dist.scatter(got, list(allx) if rank == root else None, src=root)
+                equal_any(c, "scatter", f"scatter {dt} n={n} root={root}", got, allx[rank])
+                if dt == torch.float32:
+                    ref = torch.zeros_like(got)
+                    dist.scatter(ref, list(allx) if rank == root else None, src=root, group=gloo)
+                    c.equal("scatter", f"scatter {dt} n={n} vs gloo", got, ref)
+            c.guard("scatter", f"scatter {dt} n={n}", sca)
+
+
+def uneven_splits(world, k):
+    """splits[i][j]: rows rank i sends to rank j (zeros included)."""
+    return [[0 if (i + 2 * j + k) % 3 == 0 else (i * 5 + j * 3 + k) % 7 + (k * 100 if k == 2 else 0)
+             for j in range(world)] for i in range(world)]
+
+
+def check_alltoall(c, rank, world, gloo):
+    seed = 9000
+    for dt in DTYPES + COMPLEX + FLOAT8:
+        seed += 1
+        rows = 3
+        x = make_any(dt, R.SUM, world * rows * 4, rank, seed).view(world * rows, 4)
+        allx = [t.view(world * rows, 4) for t in gather_bytes(x, world, gloo)]
+        exp = torch.cat([allx[r][rank * rows:(rank + 1) * rows] for r in range(world)])
+
+        def single(x=x, dt=dt, exp=exp):
+            got = torch.empty_like(x)
+            dist.all_to_all_single(got, x)
+            equal_any(c, "alltoall", f"all_to_all_single {dt} equal", got, exp)
+            ins = list(x.chunk(world))
+            outs = [torch.empty_like(t) for t in ins]
+            dist.all_to_all(outs, ins)
+            equal_any(c, "alltoall", f"all_to_all list {dt}", torch.cat(outs), exp)
+        c.guard("alltoall", f"alltoall {dt}", single)
+
+        for k in range(3):
+            splits = uneven_splits(world, k)
+            send = splits[rank]
+            recv = [splits[j][rank] for j in range(world)]
+            y = make_any(dt, R.SUM, sum(send) * 2, rank, seed + 50 + k).view(sum(send), 2)
+            # inputs differ in size per rank: rebuild every rank's input locally (deterministic)
+            ally = [make_any(dt, R.SUM, sum(splits[j]) * 2, j, seed + 50 + k).view(-1, 2)
+                    for j in range(world)]
+            offs = [[sum(splits[i][:j]) for j in range(world)] for i in range(world)]
+            exp_v = torch.cat([ally[j][offs[j][rank]:offs[j][rank] + splits[j][rank]]
+                               for j in range(world)])
+
+            def uneven(y=y, send=send, recv=recv, dt=dt, k=k, exp_v=exp_v):
+                got = torch.full((sum(recv), 2), 0, dtype=torch.uint8).view(dt) \
+                    if dt in FLOAT8 else torch.zeros(sum(recv), 2, dtype=dt)
+                dist.all_to_all_single(got, y, output_split_sizes=recv, input_split_sizes=send)
+                equal_any(c, "alltoall", f"all_to_all_single {dt} uneven #{k}", got, exp_v)
+                if dt == torch.float32:
+                    ref = torch.zeros_like(got)
+                    dist.all_to_all_single(ref, y, recv, send, group=gloo)
+                    c.equal("alltoall", f"all_to_all_single uneven #{k} vs gloo", got, ref)
+                outs = [torch.empty(r, 2, dtype=dt) for r in recv]
+                dist.all_to_all(outs, list(y.split(send)))
+                equal_any(c, "alltoall", f"all_to_all list {dt} uneven #{k}", torch.cat(outs),
+                          exp_v)
+            c.guard("alltoall", f"alltoall uneven {dt} #{k}", uneven)
+
+
+def check_new_ops(c, rank, world, gloo):
+    """BAND/BOR/BXOR, PREMUL_SUM (double and tensor factor), complex dtypes through allreduce,
+    reduce_scatter and reduce; float8 through broadcast and send/recv."""
+    seed = 11000
+    for dt in INTS + [torch.bool]:
+        for op in BITWISE:
+            seed += 1
+            x = make_input(dt, R.SUM, 1023, rank, seed)
+            exp = local_reduction(gather_bytes(x, world, gloo), op, world)
+
+            def bw(x=x, op=op, dt=dt, exp=exp):
+                got = x.clone()
+                dist.all_reduce(got, op=op)
+                c.equal("bitwise", f"all_reduce {dt} {op}", got, exp)
+                out = torch.empty(1023 // world if 1023 % world == 0 else 0, dtype=dt)
+                xin = x[:out.numel() * world]
+                dist.reduce_scatter_tensor(out, xin, op=op)
+                c.equal("bitwise", f"reduce_scatter_tensor {dt} {op}", out,
+                        exp[rank * out.numel():(rank + 1) * out.numel()])
+                if dt != torch.bool and dt != torch.int16:
+                    ref = x.clone()
+                    dist.all_reduce(ref, op=op, group=gloo)
+                    c.equal("bitwise", f"all_reduce {dt} {op} vs gloo", got, ref)
+            c.guard("bitwise", f"bitwise {dt} {op}", bw)
+
+    for dt in sorted(FLOATS, key=str):
+        for kind in ("double", "tensor"):
+            seed += 1
+            factor = 0.5 * (rank + 1)  # per-rank factors, exact in every float dtype
+            op = dist._make_nccl_premul_sum(factor if kind == "double" else
+                                            torch.tensor([factor], dtype=torch.float64))
+            per = 16
+            x = make_input(dt, R.SUM, per * world, rank, seed)
+            scaled = gather_bytes(x * factor, world, gloo)  # torch's own x * factor
+            exp = local_reduction(scaled, R.SUM, world)
+
+            def pm(x=x, op=op, dt=dt, kind=kind, exp=exp):
+                got = x.clone()
+                dist.all_reduce(got, op=op)
+                c.equal("premul", f"all_reduce {dt} premul ({kind})", got, exp)
+                out = torch.empty(per, dtype=dt)
+                dist.reduce_scatter_tensor(out, x, op=op)
+                c.equal("premul", f"reduce_scatter_tensor {dt} premul ({kind})", out,
+                        exp[rank * per:(rank + 1) * per])
+                red = x.clone()
+                dist.reduce(red, dst=world - 1, op=op)
+                if rank == world - 1:
+                    c.equal("premul", f"reduce {dt} premul ({kind})", red, exp)
+            c.guard("premul", f"premul {dt} {kind}", pm)
+
+    for dt in COMPLEX:
+        for op in (R.SUM, R.AVG, R.PRODUCT):
+            seed += 1
+            x = make_any(dt, op, 64 * world, rank, seed)
+            exp = local_reduction(gather_bytes(x, world, gloo), op, world)
+
+            def cx(x=x, op=op, dt=dt, exp=exp):
+                got = x.clone()
+                # torch's frontend refuses complex PRODUCT in all_reduce; the process group
+                # itself takes it
+                dist.distributed_c10d._get_default_group().allreduce([got], op).wait()
+                equal_any(c, "complex", f"all_reduce {dt} {op}", got, exp, avg_tol(dt, op))
+                out = torch.empty(64, dtype=dt)
+                dist.reduce_scatter_tensor(out, x, op=op)
+                equal_any(c, "complex", f"reduce_scatter_tensor {dt} {op}", out,
+                          exp[rank * 64:(rank + 1) * 64], avg_tol(dt, op))
+                if op == R.SUM:
+                    ref = x.clone()
+                    dist.all_reduce(ref, group=gloo)
+                    c.equal("complex", f"all_reduce {dt} vs gloo", got, ref)
+            c.guard("complex", f"complex {dt} {op}", cx)
+
+    for dt in FLOAT8:
+        seed += 1
+        x = make_any(dt, R.SUM, 1000, rank, seed)
+        allx = gather_bytes(x, world, gloo)
+
+        def f8(x=x, dt=dt, allx=allx):
+            got = x.clone()
+            dist.broadcast(got, src=world - 1)
+            equal_any(c, "float8", f"broadcast {dt}", got, allx[world - 1])
+            flat = torch.empty(world * 1000, dtype=torch.uint8).view(dt)
+            dist.all_gather_into_tensor(flat, x)
+            equal_any(c, "float8", f"all_gather_into_tensor {dt}", flat, torch.cat(
+                [a.view(torch.uint8) for a in allx]).view(dt))
+            nxt, prv = (rank + 1) % world, (rank - 1) % world
+            r = torch.empty(1000, dtype=torch.uint8).view(dt)
+            for w in [dist.isend(x, nxt, tag=5), dist.irecv(r, prv, tag=5)]:
+                w.wait()
+            equal_any(c, "float8", f"send/recv {dt}", r, allx[prv])
+        c.guard("float8", f"float8 {dt}", f8)
+
+
+def check_list_forms(c, rank, world, gloo):
+    """reduce_scatter (list), and the coalesced tensor forms (via the coalescing manager)."""
+    seed = 12000
+    for dt in (torch.float32, torch.int64, torch.bfloat16):
+        seed += 1
+        ins = [make_input(dt, R.SUM, 37, rank, seed + j) for j in range(world)]
+        out = torch.zeros(37, dtype=dt)
+        dist.reduce_scatter(out, ins)
+        allin = gather_bytes(torch.cat(ins), world, gloo)
+        exp = local_reduction([a[rank * 37:(rank + 1) * 37] for a in allin], R.SUM, world)
+        c.equal("coalesced", f"reduce_scatter list {dt}", out, exp)
+        if dt != torch.bfloat16:
+            ref = torch.zeros(37, dtype=dt)
+            dist.reduce_scatter(ref, [t.clone() for t in ins], group=gloo)
+            c.equal("coalesced", f"reduce_scatter list {dt} vs gloo", out, ref)
+
+    from torch.distributed.distributed_c10d import _coalescing_manager
+    sizes = [3, 0, 17]
+    ins = [make_input(torch.float32, R.SUM, n, rank, 12100 + n) for n in sizes]
+    outs = [torch.zeros(n * world) for n in sizes]
+    outs[2] = torch.zeros(2, sizes[2] * world)[0]  # a row view of a larger buffer
+    with _coalescing_manager(async_ops=True) as cm:
+        for o, i in zip(outs, ins):
+            dist.all_gather_into_tensor(o, i)
+    cm.wait()
+    for j, (o, i) in enumerate(zip(outs, ins)):
+        exp = torch.cat(gather_bytes(i, world, gloo)) if i.numel() else o.new_empty(0)
+        c.equal("coalesced", f"all_gather_into_tensor coalesced #{j}", o, exp)
+
+    rins = [make_input(torch.int32, R.SUM, n * world, rank, 12200 + n) for n in sizes]
+    routs = [torch.zeros(n, dtype=torch.int32) for n in sizes]
+    with _coalescing_manager(async_ops=True) as cm:
+        for o, i in zip(routs, rins):
+            dist.reduce_scatter_tensor(o, i, op=R.MAX)
+    cm.wait()
+    for j, (o, i) in enumerate(zip(routs, rins)):
+        exp = local_reduction(gather_bytes(i, world, gloo), R.MAX, world)
+        c.equal("coalesced", f"reduce_scatter_tensor coalesced #{j}", o,
+                exp[rank * sizes[j]:(rank + 1) * sizes[j]])
+
+
+def _gather_opts(world):
+    opts = dist.GatherOptions()
+    opts.rootRank = world  # out of range
+    return opts
+
+
 def check_validation(c, rank, world, gloo):
     """Errors raised by the shim before anything reaches the engine (so every rank raises the
     same error and the communicator stays usable)."""
@@ -331,13 +653,31 @@ def check_validation(c, rank, world, gloo):
            ("rank", "allreduce", "dtype"))
     raises("uint32 allreduce", TypeError,
            lambda: dist.all_reduce(torch.ones(4, dtype=torch.uint32)), ("rank", "allreduce"))
-    raises("complex broadcast", TypeError,
-           lambda: pg.broadcast([torch.ones(4, dtype=torch.complex64)]).wait(),
-           ("rank", "broadcast"))
-    raises("BAND", ValueError, lambda: dist.all_reduce(torch.ones(4, dtype=torch.int32),
-                                                       op=R.BAND), ("rank", "BAND"))
-    raises("BXOR", ValueError, lambda: dist.all_reduce(torch.ones(4, dtype=torch.int32),
-                                                       op=R.BXOR), ("rank", "BXOR"))
+    raises("float8 reduce", TypeError,
+           lambda: dist.reduce(torch.ones(4, dtype=torch.float8_e5m2), dst=0),
+           ("rank", "reduce", "float8"))
+    raises("float8 reduce_scatter", TypeError,
+           lambda: dist.reduce_scatter_tensor(torch.ones(1, dtype=torch.float8_e4m3fn),
+                                              torch.ones(world, dtype=torch.float8_e4m3fn)),
+           ("rank", "reduce_scatter", "float8"))
+    raises("complex MAX", TypeError,  # straight to the group: torch's frontend rejects it too
+           lambda: pg.allreduce([torch.ones(4, dtype=torch.complex64)], R.MAX).wait(),
+           ("rank", "allreduce", "MAX", "complex"))
+    raises("BAND float", TypeError, lambda: dist.all_reduce(torch.ones(4), op=R.BAND),
+           ("rank", "BAND", "integer"))
+    raises("BXOR float reduce", TypeError,
+           lambda: dist.reduce(torch.ones(4, dtype=torch.float64), dst=0, op=R.BXOR),
+           ("rank", "reduce", "BXOR"))
+    raises("PREMUL_SUM int", TypeError,
+           lambda: dist.all_reduce(torch.ones(4, dtype=torch.int32),
+                                   op=dist._make_nccl_premul_sum(2.0)),
+           ("rank", "PREMUL_SUM", "floating"))
+    raises("gather root", ValueError, lambda: pg.gather([], [torch.ones(2)],
+                                                        _gather_opts(world)).wait(),
+           ("rank", "gather", "root"))
+    raises("all_to_all_single splits", ValueError,
+           lambda: dist.all_to_all_single(torch.empty(world), torch.ones(world),
+                                          [1] * world, [2] * world), ("rank", "split"))
     raises("bool AVG", TypeError, lambda: dist.all_reduce(torch.ones(4, dtype=torch.bool),
                                                           op=R.AVG), ("rank", "avg", "Bool"))
     raises("meta output", ValueError,
@@ -393,7 +733,9 @@ def battery(rank, world, store_path):
     gloo = init(rank, world, store_path)
     c = Checks()
     for check in (check_allreduce, check_async_and_futures, check_gather_broadcast,
-                  check_reduce_scatter, check_noncontiguous, check_p2p, check_validation, check_ddp):
+                  check_reduce_scatter, check_noncontiguous, check_p2p, check_reduce,
+                  check_gather_scatter, check_alltoall, check_new_ops, check_list_forms,
+                  check_validation, check_ddp):
         c.guard(check.__name__, check.__name__, lambda check=check: check(c, rank, world, gloo))
     be = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
     c.expect("info", "backend name", dist.get_backend() == "mooncake", dist.get_backend())

@@ -6,10 +6,12 @@ import _workers
 from _harness import run_ranks
 
 CATEGORIES = ["allreduce", "reduce_scatter", "async", "future", "allgather", "broadcast", "barrier",
-              "noncontig",
-              "coalesced", "p2p", "validation", "ddp", "info"]
+              "noncontig", "coalesced", "p2p", "reduce", "gather", "scatter", "alltoall", "bitwise",
+              "premul", "complex", "float8", "validation", "ddp", "info"]
 # Fewest checks each category must have run on every rank (guards against silently empty runs).
-MIN_CHECKS = {"allreduce": 190, "reduce_scatter": 140, "allgather": 100, "broadcast": 40, "validation": 13, "ddp": 5}
+MIN_CHECKS = {"allreduce": 190, "reduce_scatter": 140, "allgather": 100, "broadcast": 40, "validation": 18, "ddp": 5,
+             "reduce": 200, "gather": 40, "scatter": 50, "alltoall": 100, "bitwise": 40,
+             "premul": 12, "complex": 12, "float8": 15}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])

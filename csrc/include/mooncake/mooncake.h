@@ -43,6 +43,14 @@ typedef enum {
   MC_INT64,
   MC_UINT8,
   MC_BOOL,
+  MC_COMPLEX64,  /* (real, imag) float32 pairs: SUM, AVG, PRODUCT only */
+  MC_COMPLEX128, /* (real, imag) float64 pairs: SUM, AVG, PRODUCT only */
+  /* float8 types are moved by the non-reducing operations and rejected by reducing ones */
+  MC_FLOAT8_E4M3FN,
+  MC_FLOAT8_E5M2,
+  MC_FLOAT8_E4M3FNUZ,
+  MC_FLOAT8_E5M2FNUZ,
+  MC_FLOAT8_E8M0FNU,
   MC_DTYPE_COUNT
 } mc_dtype_t;
 
@@ -52,6 +60,12 @@ typedef enum {
   MC_PRODUCT,
   MC_MIN,
   MC_MAX,
+  MC_BAND, /* bitwise AND, OR, XOR: integer and bool dtypes only (bool: logical) */
+  MC_BOR,
+  MC_BXOR,
+  /* SUM of each rank's input multiplied by a per-call factor: only through the *_premul calls,
+   * floating-point dtypes only */
+  MC_PREMUL_SUM,
   MC_REDOP_COUNT
 } mc_redop_t;
 
@@ -123,6 +137,38 @@ mc_status_t mc_reduce_scatter(mc_comm_t *comm, const void *in, void *out, size_t
                               mc_dtype_t dtype, mc_redop_t op, mc_request_t **req);
 mc_status_t mc_broadcast(mc_comm_t *comm, void *buf, size_t count, mc_dtype_t dtype, int root,
                          mc_request_t **req);
+/* out (count elements, used on root only: may be NULL elsewhere) = op over ranks of in.
+ * in == out is allowed on root; in is never written. */
+mc_status_t mc_reduce(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                      mc_redop_t op, int root, mc_request_t **req);
+/* Root's out (size * count elements; ignored elsewhere) gets rank r's in at r * count.
+ * in may equal out + root * count on root. */
+mc_status_t mc_gather(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                      int root, mc_request_t **req);
+/* Rank r's out (count elements) gets block r of root's in (size * count; ignored elsewhere).
+ * out may equal in + root * count on root. */
+mc_status_t mc_scatter(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                       int root, mc_request_t **req);
+/* Block j (count elements) of in goes to rank j, which stores it as block `rank` of its out.
+ * in and out hold size * count elements each and must not overlap. */
+mc_status_t mc_alltoall(mc_comm_t *comm, const void *in, void *out, size_t count, mc_dtype_t dtype,
+                        mc_request_t **req);
+/* Uneven all-to-all; counts and displacements are in elements, one per rank. Rank i's
+ * send_counts[j] must equal rank j's recv_counts[i] (zero allowed). The arrays are copied;
+ * in and out must not overlap. */
+mc_status_t mc_alltoallv(mc_comm_t *comm, const void *in, const size_t *send_counts,
+                         const size_t *send_displs, void *out, const size_t *recv_counts,
+                         const size_t *recv_displs, mc_dtype_t dtype, mc_request_t **req);
+
+/* PREMUL_SUM: like the calls above with op MC_PREMUL_SUM, each rank's input multiplied by
+ * `factor` (in the dtype's arithmetic; float32 for 16-bit floats) before the sum. The factor
+ * may differ between ranks. Floating-point dtypes only. */
+mc_status_t mc_allreduce_premul(mc_comm_t *comm, const void *in, void *out, size_t count,
+                                mc_dtype_t dtype, double factor, mc_request_t **req);
+mc_status_t mc_reduce_scatter_premul(mc_comm_t *comm, const void *in, void *out, size_t count,
+                                     mc_dtype_t dtype, double factor, mc_request_t **req);
+mc_status_t mc_reduce_premul(mc_comm_t *comm, const void *in, void *out, size_t count,
+                             mc_dtype_t dtype, double factor, int root, mc_request_t **req);
 mc_status_t mc_barrier(mc_comm_t *comm, mc_request_t **req);
 
 /* Point to point, matched by (source, tag) in posting order. 0 <= tag <= MC_TAG_MAX.
@@ -156,7 +202,7 @@ const char *mc_status_str(mc_status_t s);
 const char *mc_dtype_name(mc_dtype_t t);
 const char *mc_redop_name(mc_redop_t op);
 size_t mc_dtype_size(mc_dtype_t t);
-/* MC_OK if allreduce supports this dtype x op, MC_ERR_UNSUPPORTED otherwise. */
+/* MC_OK if the reducing operations support this dtype x op, MC_ERR_UNSUPPORTED otherwise. */
 mc_status_t mc_reduce_supported(mc_dtype_t t, mc_redop_t op);
 
 #ifdef __cplusplus
