@@ -29,10 +29,12 @@ def _register_c10d_backend():
         raise RuntimeError("mooncake needs torch built with distributed support")
     plugin = getattr(dist.Backend, "_plugins", {}).get("MOONCAKE")
     if plugin is not None and plugin.creator_fn is _create_backend:
+        _install_shrink_support()
         return
     dist.Backend.register_backend(
         "mooncake", _create_backend, extended_api=True, devices=["cpu"]
     )
+    _install_shrink_support()
 
 
 def _torch_is_importing():
@@ -102,30 +104,52 @@ def shrink(group=None):
     kept = set(new_backend.parent_ranks())
     members = c10d.get_process_group_ranks(pg)
     excluded = {members[r] for r in range(len(members)) if r not in kept}
-    # torch's finalisation clones the store connection for the new group, which blocks when
-    # the store's host died (e.g. rank 0 hosting a TCPStore): the new group shares the old
-    # connection instead, so the shrink itself never needs the store.
-    create = c10d._create_shrunk_process_group
-
-    def create_sharing_store(new_backend, remaining_ranks, metadata, is_default_group):
-        metadata = dict(metadata, store=_SameStore(metadata["store"]))
-        return create(new_backend, remaining_ranks, metadata, is_default_group)
-
-    c10d._create_shrunk_process_group = create_sharing_store
-    try:
-        return c10d._finalize_shrunk_group(info, excluded, new_backend)
-    finally:
-        c10d._create_shrunk_process_group = create
+    return c10d._finalize_shrunk_group(info, excluded, new_backend)
 
 
-class _SameStore:
-    """Stands in for a store whose clone() must not open a new connection."""
+def _create_shrunk_group(new_backend, remaining_ranks, metadata, is_default_group):
+    """Builds the ProcessGroup around a shrunk mooncake backend. torch's own version (2.15)
+    registers a CPU backend as Gloo, which crashes DDP's logger (it casts the backend to
+    ProcessGroupGloo), and clones the store connection, which blocks when the store's host
+    died (e.g. rank 0 hosting a TCPStore). Here the backend is CUSTOM and the group shares
+    the old store connection, so a shrink never needs the store."""
+    import torch
+    from torch.distributed import distributed_c10d as c10d
 
-    def __init__(self, store):
-        self._store = store
+    name = metadata["new_group_name"]
+    pg = c10d.ProcessGroup(c10d.PrefixStore(f"{name}/", metadata["store"]), new_backend.rank(),
+                           new_backend.size())
+    custom = c10d.ProcessGroup.BackendType.CUSTOM
+    pg._register_backend(torch.device("cpu"), custom, new_backend)
+    pg._set_default_backend(custom)
+    if metadata.get("bound_device_id") is not None:
+        pg.bound_device_id = metadata["bound_device_id"]
+    pg._set_group_name(name)
+    pg._set_group_desc("default:shrunken" if is_default_group
+                       else f"{metadata['original_group_name']}:shrunk")
+    if metadata.get("backend_config") is not None:
+        c10d._world.pg_backend_config[pg] = metadata["backend_config"]
+    return pg
 
-    def clone(self):
-        return self._store
+
+def _install_shrink_support():
+    """Routes torch's shrink finalisation (dist.shrink_group and mooncake.shrink) to
+    _create_shrunk_group for mooncake backends; other backends keep torch's path."""
+    from torch.distributed import distributed_c10d as c10d
+
+    torch_create = getattr(c10d, "_create_shrunk_process_group", None)
+    if torch_create is None or getattr(torch_create, "_mooncake", False):
+        return
+
+    def create(new_backend, remaining_ranks, metadata, is_default_group):
+        from . import _C
+
+        if isinstance(new_backend, _C.MooncakeBackend):
+            return _create_shrunk_group(new_backend, remaining_ranks, metadata, is_default_group)
+        return torch_create(new_backend, remaining_ranks, metadata, is_default_group)
+
+    create._mooncake = True
+    c10d._create_shrunk_process_group = create
 
 
 __all__ += ["failed_ranks", "shrink"]

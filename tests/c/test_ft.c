@@ -68,11 +68,14 @@ static mc_status_t sum_check(mc_comm_t *c, int lineage_rank, const int *members,
 }
 
 /* Runs allreduces until one fails (the failure must name a dead rank), returns when. */
+static size_t loop_count = 16; /* elements per allreduce of until_failure */
+
 static int until_failure(mc_comm_t *c, int me, const int *victims, int nvictims, int die_at) {
+  int64_t *v = calloc(loop_count, sizeof *v);
   for (int it = 0; it < 100000; it++) {
-    int64_t v[16] = {me};
+    v[0] = me;
     mc_request_t *req;
-    mc_status_t st = mc_allreduce(c, v, v, 16, MC_INT64, MC_SUM, &req);
+    mc_status_t st = mc_allreduce(c, v, v, loop_count, MC_INT64, MC_SUM, &req);
     CHECK(st == MC_OK, "rank %d: allreduce refused: %s", me, mc_last_error());
     for (int v = 0; v < nvictims && it == die_at; v++)
       if (me == victims[v])
@@ -86,6 +89,7 @@ static int until_failure(mc_comm_t *c, int me, const int *victims, int nvictims,
       CHECK(strstr(msg, "failed") && strstr(msg, "allreduce"), "rank %d: message '%s'", me, msg);
       board()->detect_ns[me] = t - __atomic_load_n(&board()->killed_at, __ATOMIC_SEQ_CST);
       mc_request_free(req);
+      free(v);
       return 0;
     }
     mc_request_free(req);
@@ -157,13 +161,16 @@ static int survivors_without(int n, const int *dead, int ndead, int *out) {
 typedef struct {
   int victims[2];
   int nvictims;
-  bool before; /* die before the collective starts rather than while it is in flight */
+  bool before;  /* die before the collective starts rather than while it is in flight */
+  size_t count; /* elements per allreduce (0: 16) */
 } kill_args_t;
 
 static int scenario_kill(mc_comm_t *comm, void *arg) {
   const kill_args_t *a = arg;
   const int n = mc_comm_size(comm), me = mc_comm_rank(comm);
   mc_harness_barrier("up", n);
+  if (a->count)
+    loop_count = a->count; /* large: rendezvous transfers are in flight when the victim dies */
   if (a->before && me == a->victims[0])
     die_now(me);
   if (until_failure(comm, me, a->victims, a->nvictims, 5))
@@ -395,8 +402,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "test_ft needs 4..64 ranks\n");
     return 2;
   }
-  kill_args_t during = {{1}, 1, false}, rank0 = {{0}, 1, false}, before = {{size - 1}, 1, true},
-              two = {{1, 2}, 2, false};
+  kill_args_t during = {{1}, 1, false, 0}, rank0 = {{0}, 1, false, 0},
+              before = {{size - 1}, 1, true, 0}, two = {{1, 2}, 2, false, 0},
+              large = {{2}, 1, false, 4 << 20};
   struct {
     const char *name;
     mc_test_body_t body;
@@ -406,6 +414,7 @@ int main(int argc, char **argv) {
       {"kill rank 0", scenario_kill, &rank0},
       {"kill before allreduce", scenario_kill, &before},
       {"two killed at once", scenario_kill, &two},
+      {"kill during a 32 MiB allreduce", scenario_kill, &large},
       {"stop (hang)", scenario_stop, NULL},
       {"coordinator dies before accept", scenario_die_in_agreement, "accept"},
       {"coordinator dies before commit", scenario_die_in_agreement, "commit"},
