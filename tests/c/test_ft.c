@@ -1,6 +1,7 @@
 /* Fault tolerance over real processes: ranks are killed (SIGKILL), stopped (SIGSTOP) or made to
  * die inside the agreement (MC_FAULT); survivors must fail fast with the right error, agree,
- * shrink and then compute bit-exact results on the survivors. Usage: test_ft [ranks]. */
+ * shrink and then compute bit-exact results on the survivors.
+ * Usage: test_ft [ranks] | --bench RANKS TRIALS | --soak RANKS SECONDS BUSY_PROCESSES */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <signal.h>
@@ -396,7 +397,111 @@ static int scenario_revoke_exclude(mc_comm_t *comm, void *arg) {
   return 0;
 }
 
+/* ---- measurement modes (not part of ctest) ---- */
+
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+static void percentiles(const char *what, int64_t *v, int n) {
+  if (n == 0)
+    return;
+  qsort(v, n, sizeof *v, cmp_i64);
+  int p99 = (int)(0.99 * (n - 1) + 0.5);
+  printf("  %-34s n=%-4d p50 %7.1f ms   p99 %7.1f ms   max %7.1f ms\n", what, n, v[n / 2] / 1e6,
+         v[p99] / 1e6, v[n - 1] / 1e6);
+}
+
+/* test_ft --bench RANKS TRIALS: SIGKILL and SIGSTOP trials, latency percentiles over all
+ * survivors of all trials. */
+static int bench(int size, int trials) {
+  int64_t *detect[2], *shrink[2], *recover[2];
+  int n[2] = {0, 0}, failed = 0;
+  for (int k = 0; k < 2; k++) {
+    detect[k] = calloc((size_t)trials * size, sizeof(int64_t));
+    shrink[k] = calloc((size_t)trials * size, sizeof(int64_t));
+    recover[k] = calloc((size_t)trials * size, sizeof(int64_t));
+  }
+  srand(12345);
+  for (int t = 0; t < trials; t++) {
+    int stop = t % 2, victim = stop ? size - 1 : rand() % size;
+    kill_args_t a = {{victim}, 1, false, 0};
+    int rc = stop ? mc_harness_run(size, scenario_stop, NULL, 60)
+                  : mc_harness_run(size, scenario_kill, &a, 60);
+    failed += rc != 0;
+    board_t *b = board();
+    for (int r = 0; r < size && !rc; r++)
+      if (r != victim) {
+        detect[stop][n[stop]] = b->detect_ns[r];
+        shrink[stop][n[stop]] = b->shrink_ns[r];
+        recover[stop][n[stop]++] = b->recover_ns[r];
+      }
+  }
+  printf("ft bench: %d ranks, %d trials (%d failed), every survivor counted\n", size, trials,
+         failed);
+  const char *names[2] = {"SIGKILL", "SIGSTOP"};
+  for (int k = 0; k < 2; k++) {
+    char w[64];
+    snprintf(w, sizeof w, "%s: detection", names[k]);
+    percentiles(w, detect[k], n[k]);
+    snprintf(w, sizeof w, "%s: agreement + shrink", names[k]);
+    percentiles(w, shrink[k], n[k]);
+    snprintf(w, sizeof w, "%s: failure -> correct allreduce", names[k]);
+    percentiles(w, recover[k], n[k]);
+  }
+  return failed != 0;
+}
+
+/* test_ft --soak RANKS SECONDS SPINNERS: no failure may be reported while the ranks run
+ * allreduces back to back and SPINNERS processes keep every core busy. */
+static int soak_seconds;
+
+static int scenario_soak(mc_comm_t *comm, void *arg) {
+  (void)arg;
+  const int me = mc_comm_rank(comm);
+  int64_t end = now_ns() + (int64_t)soak_seconds * 1000000000LL, ops = 0;
+  int64_t v[1024];
+  while (now_ns() < end) {
+    for (int i = 0; i < 1024; i++)
+      v[i] = me + i;
+    mc_request_t *req;
+    RUN_OK(req, mc_allreduce(comm, v, v, ops % 2 ? 1024 : 8, MC_INT64, MC_SUM, &req));
+    ops++;
+  }
+  /* agree on the end: a rank still in the loop would otherwise see the others leave */
+  mc_request_t *req;
+  int64_t one = 1;
+  RUN_OK(req, mc_allreduce(comm, &one, &one, 1, MC_INT64, MC_SUM, &req));
+  CHECK(mc_comm_failed_ranks(comm, NULL, 0) == 0, "rank %d: a rank was suspected", me);
+  if (me == 0)
+    printf("  soak: %lld allreduces per rank in %d s, no failure reported\n", (long long)ops,
+           soak_seconds);
+  return 0;
+}
+
+static int soak(int size, int seconds, int spinners) {
+  soak_seconds = seconds;
+  pid_t spin[64];
+  for (int i = 0; i < spinners && i < 64; i++)
+    if ((spin[i] = fork()) == 0)
+      for (volatile uint64_t x = 0;; x++) {
+      }
+  int rc = mc_harness_run(size, scenario_soak, NULL, seconds + 120);
+  for (int i = 0; i < spinners && i < 64; i++) {
+    kill(spin[i], SIGKILL);
+    waitpid(spin[i], NULL, 0);
+  }
+  printf("ft soak: %d ranks, %d s, %d busy processes: %s\n", size, seconds, spinners,
+         rc ? "FAILED (a failure was reported)" : "no false suspicion");
+  return rc;
+}
+
 int main(int argc, char **argv) {
+  if (argc > 3 && !strcmp(argv[1], "--bench"))
+    return bench(atoi(argv[2]), atoi(argv[3]));
+  if (argc > 4 && !strcmp(argv[1], "--soak"))
+    return soak(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
   int size = argc > 1 ? atoi(argv[1]) : 4;
   if (size < 4 || size > 64) {
     fprintf(stderr, "test_ft needs 4..64 ranks\n");
