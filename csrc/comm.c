@@ -453,6 +453,7 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   if (st == MC_OK && (st = mc_progress_start(nc)) != MC_OK)
     fail(st, "rank %d: shrink: could not start the progress thread", comm->rank);
   if (st != MC_OK) {
+    mc_ctrl_withdraw(nc->ctrl, nc->epoch, nc->members, size); /* nobody waits for this rank */
     comm_free(nc);
     return st;
   }

@@ -50,7 +50,8 @@ typedef struct {
 
 typedef struct conn {
   int fd;
-  int peer; /* -1 until its HELLO arrived */
+  bool tx_broken; /* a write failed or was partial: the stream is no longer framed */
+  int peer;       /* -1 until its HELLO arrived */
   char *buf;
   size_t used, cap;
   struct conn *next_pending;
@@ -59,7 +60,8 @@ typedef struct conn {
 typedef struct {
   conn_t *conn;
   bool failed;
-  bool left; /* said goodbye; becomes failed after the failure timeout */
+  bool left;   /* said goodbye; becomes failed after the failure timeout */
+  bool silent; /* declared failed by this rank's own heartbeat timeout */
   int64_t left_deadline;
   int64_t last_rx, last_tx;
   char why[160];
@@ -123,13 +125,14 @@ static void mark_failed(mc_ctrl_t *c, int r, const char *why, bool tell_others);
 static void send_frame(mc_ctrl_t *c, int peer, int type, uint32_t epoch, const void *a, size_t alen,
                        const void *b, size_t blen) {
   peer_t *p = &c->peers[peer];
-  if (!p->conn || p->failed)
+  if (!p->conn || p->failed || p->conn->tx_broken)
     return;
   frame_hdr_t h = {.len = (uint32_t)(alen + blen), .type = (uint8_t)type, .epoch = epoch};
   struct iovec iov[3] = {{&h, sizeof h}, {(void *)a, alen}, {(void *)b, blen}};
   struct msghdr m = {.msg_iov = iov, .msg_iovlen = 3};
   ssize_t n = sendmsg(p->conn->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
   if (n != (ssize_t)(sizeof h + alen + blen)) {
+    p->conn->tx_broken = true;
     /* a peer that stopped reading long enough to fill a socket buffer is not healthy */
     if (type != MSG_EXCLUDED)
       mark_failed(c, peer,
@@ -336,7 +339,15 @@ static void agree_progress(mc_ctrl_t *c, epoch_state_t *e) {
                    c->words * sizeof(uint64_t));
     } else {
       mc_fault_point(c->rank, "agree", e->epoch, "commit");
-      send_members(c, e, MSG_COMMIT, e->acc_value, c->words * sizeof(uint64_t), NULL, 0);
+      size_t bm = c->words * sizeof(uint64_t);
+      bool first = true; /* fault point "commit-partial": after the first member got it */
+      for (int r = 0; r < c->size; r++)
+        if (r != c->rank && bit(e->members, r)) {
+          send_frame(c, r, MSG_COMMIT, e->epoch, e->acc_value, bm, NULL, 0);
+          if (first)
+            mc_fault_point(c->rank, "agree", e->epoch, "commit-partial");
+          first = false;
+        }
       commit(c, e, e->acc_value);
     }
   }
@@ -385,8 +396,6 @@ static void on_agreement(mc_ctrl_t *c, int from, int type, epoch_state_t *e, con
   case MSG_PROMISE:
     if (len < 2 * sizeof ballot + 2 * bm)
       break;
-    memcpy(failed, payload + 2 * sizeof ballot + bm, bm);
-    merge_failed(c, failed, from);
     if (e->leading && e->phase == 1 && ballot == e->ballot) {
       uint32_t acc;
       memcpy(&acc, payload + sizeof ballot, sizeof acc);
@@ -396,6 +405,9 @@ static void on_agreement(mc_ctrl_t *c, int from, int type, epoch_state_t *e, con
       }
       set_bit(e->replied, from);
     }
+    /* last: merging can close connections, the sender's included, and free the payload */
+    memcpy(failed, payload + 2 * sizeof ballot + bm, bm);
+    merge_failed(c, failed, from);
     break;
   case MSG_NACK:
     if (len >= sizeof ballot + bm) {
@@ -413,8 +425,12 @@ static void on_agreement(mc_ctrl_t *c, int from, int type, epoch_state_t *e, con
       set_bit(e->replied, from);
     break;
   case MSG_COMMIT:
-    if (!e->committed && len >= bm)
+    if (!e->committed && len >= bm) {
       commit(c, e, (const uint64_t *)payload);
+      /* pass it on once: the leader may have died halfway through its broadcast, and a
+       * committed rank never leads, so the others would wait for a decision forever */
+      send_all(c, MSG_COMMIT, e->epoch, e->value, bm, NULL, 0);
+    }
     break;
   }
   free(failed);
@@ -425,6 +441,7 @@ static void on_agreement(mc_ctrl_t *c, int from, int type, epoch_state_t *e, con
 
 static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *payload) {
   peer_t *p = &c->peers[from];
+  size_t len = h->len;
   switch (h->type) {
   case MSG_HEARTBEAT: break;
   case MSG_BYE:
@@ -439,21 +456,21 @@ static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *p
     char why[200];
     snprintf(why, sizeof why, "reported by original rank %d: %.*s", from,
              (int)(h->len - sizeof who), payload + sizeof who);
-    if ((int)who == c->rank) {
-      /* treat like EXCLUDED below */
-    } else if ((int)who < c->size) {
+    if (who >= (uint32_t)c->size)
+      break;
+    if ((int)who != c->rank) {
       mark_failed(c, (int)who, why, true);
       break;
-    } else {
-      break;
     }
+    payload += sizeof who; /* about this rank: as EXCLUDED, with the reason after the rank */
+    len -= sizeof who;
   }
     /* fall through */
   case MSG_EXCLUDED:
     if (!c->excluded) {
       c->excluded = true;
       snprintf(c->excluded_why, sizeof c->excluded_why,
-               "original rank %d declared this rank failed (%.*s)", from, (int)h->len, payload);
+               "original rank %d declared this rank failed (%.*s)", from, (int)len, payload);
       MC_LOG(MC_LOG_WARN, c->rank, "control: %s", c->excluded_why);
       revoke_comms(c, -1, MC_ERR_REVOKED, c->excluded_why);
       pthread_cond_broadcast(&c->cond);
@@ -468,9 +485,16 @@ static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *p
     break;
   }
   case MSG_ADDR: {
+    if (!h->len) { /* it withdrew: its shrink failed after the agreement */
+      mark_failed(c, from, "it could not join the shrunk communicator", true);
+      break;
+    }
     epoch_state_t *e = epoch_get(c, h->epoch);
-    if (e && !e->addr[from] && (e->addr[from] = malloc(h->len ? h->len : 1))) {
-      memcpy(e->addr[from], payload, h->len);
+    char *copy = e ? malloc(h->len) : NULL;
+    if (copy) { /* a newer address (a retried shrink) replaces an unused one */
+      memcpy(copy, payload, h->len);
+      free(e->addr[from]);
+      e->addr[from] = copy;
       e->addr_len[from] = h->len;
       pthread_cond_broadcast(&c->cond);
     }
@@ -604,7 +628,7 @@ static void on_accept(mc_ctrl_t *c) {
 static void tick(mc_ctrl_t *c, int64_t now, int64_t since_last_tick) {
   const int64_t hb = (int64_t)c->heartbeat_ms * 1000000;
   const int64_t limit = (int64_t)c->failure_timeout_ms * 1000000;
-  if (since_last_tick > limit / 2) {
+  if (since_last_tick - hb > limit / 2) {
     /* this thread did not run for a long time (stopped, starved): the silence is ours, not
      * the peers'. What they sent meanwhile is read first; they get a fresh window. */
     MC_LOG(MC_LOG_INFO, c->rank, "control: this rank did not run for %lld ms",
@@ -632,6 +656,7 @@ static void tick(mc_ctrl_t *c, int64_t now, int64_t since_last_tick) {
       char why[96];
       snprintf(why, sizeof why, "no heartbeat for %lld ms (hung, stopped or cut off)",
                (long long)((now - p->last_rx) / 1000000));
+      p->silent = true;
       mark_failed(c, r, why, true);
     }
   }
@@ -716,8 +741,11 @@ mc_status_t mc_ctrl_create(int rank, int size, uint64_t secret, bool loopback, m
   c->words = (size + 63) / 64;
   c->heartbeat_ms = (int)mc_param_int(MC_PARAM_HEARTBEAT_MS);
   c->failure_timeout_ms = (int)mc_param_int(MC_PARAM_FAILURE_TIMEOUT_MS);
-  if (c->heartbeat_ms < 1)
-    c->heartbeat_ms = 1;
+  /* a silence must span several heartbeats, and the stall grace in tick() needs room */
+  if (c->failure_timeout_ms < 3)
+    c->failure_timeout_ms = 3;
+  if (c->heartbeat_ms < 1 || c->heartbeat_ms > c->failure_timeout_ms / 3)
+    c->heartbeat_ms = c->failure_timeout_ms / 3 > 0 ? c->failure_timeout_ms / 3 : 1;
   c->listen_fd = c->epoll_fd = c->wake_fd = -1;
   c->peers = calloc(size, sizeof *c->peers);
   pthread_mutex_init(&c->lock, NULL);
@@ -969,6 +997,20 @@ mc_status_t mc_ctrl_agree(mc_ctrl_t *c, uint32_t epoch, const int *members, int 
   for (int i = 0; i < n; i++)
     set_bit(e->members, members[i]);
   e->joined = true;
+  /* Every other member gone, at least one through this rank's own timeout: more likely this
+   * rank was cut off than all the others failed. Going on alone could split the job. */
+  bool alone = true, silence = false;
+  for (int i = 0; i < n; i++)
+    if (members[i] != c->rank) {
+      alone &= c->peers[members[i]].failed;
+      silence |= c->peers[members[i]].silent;
+    }
+  if (alone && silence && n > 1 && !c->excluded) {
+    c->excluded = true;
+    snprintf(c->excluded_why, sizeof c->excluded_why,
+             "this rank heard from no other rank (cut off?): it cannot go on alone");
+    revoke_comms(c, -1, MC_ERR_REVOKED, c->excluded_why);
+  }
   agree_progress(c, e);
   while (!e->committed && !c->excluded && st == MC_OK)
     if (pthread_cond_timedwait(&c->cond, &c->lock, &ts) == ETIMEDOUT && !e->committed) {
@@ -1028,4 +1070,12 @@ mc_status_t mc_ctrl_exchange(mc_ctrl_t *c, uint32_t epoch, const int *members, i
   }
   pthread_mutex_unlock(&c->lock);
   return st;
+}
+
+void mc_ctrl_withdraw(mc_ctrl_t *c, uint32_t epoch, const int *members, int n) {
+  pthread_mutex_lock(&c->lock);
+  for (int i = 0; i < n; i++)
+    if (members[i] != c->rank)
+      send_frame(c, members[i], MSG_ADDR, epoch, NULL, 0, NULL, 0);
+  pthread_mutex_unlock(&c->lock);
 }

@@ -50,4 +50,8 @@ mc_status_t mc_ctrl_exchange(mc_ctrl_t *c, uint32_t epoch, const int *members, i
                              const void *addr, size_t len, int timeout_ms, void **addrs,
                              size_t *lens, char *err, size_t errlen);
 
+/* Tells the members that this rank will not join the communicator at `epoch` after all (its
+ * shrink failed locally): they stop waiting for its address and treat it as failed. */
+void mc_ctrl_withdraw(mc_ctrl_t *c, uint32_t epoch, const int *members, int n);
+
 #endif

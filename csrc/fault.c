@@ -40,6 +40,8 @@ static void parse(void) {
   if (!env || !*env)
     return;
   char *copy = strdup(env), *save = NULL;
+  if (!copy)
+    return;
   for (char *r = strtok_r(copy, ";", &save); r && nrules < MAX_RULES;
        r = strtok_r(NULL, ";", &save)) {
     rule_t *rule = &rules[nrules];

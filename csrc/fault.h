@@ -4,7 +4,8 @@
  * Each rule fires once, at the first point that matches every field it names. rank is the
  * rank the process had when the first communicator of its lineage was created; op is an
  * operation name or "agree"; phase is an algorithm step number, or an agreement phase
- * (prepare, promise, accept, commit). Actions: kill (SIGKILL), stop (SIGSTOP), exit (_exit),
+ * (prepare, promise, accept, commit, commit-partial: after the first member got
+ * the decision). Actions: kill (SIGKILL), stop (SIGSTOP), exit (_exit),
  * delay:MS, error (the operation fails as if its peer link broke). */
 #ifndef MOONCAKE_FAULT_H
 #define MOONCAKE_FAULT_H

@@ -101,10 +101,9 @@ void mc_comm_revoke_local(mc_comm_t *comm, mc_status_t st, const char *why) {
     comm->broken = st;
     snprintf(comm->broken_msg, sizeof comm->broken_msg, "%s", why);
   }
-  bool started = comm->wake_fd >= 0;
-  pthread_mutex_unlock(&comm->lock);
-  if (started)
+  if (comm->wake_fd >= 0) /* under the lock: stop may close the fd, and the number be reused */
     mc_progress_kick(comm);
+  pthread_mutex_unlock(&comm->lock);
 }
 
 /* Drop finished requests from the active list. A failed one whose transfers the transport
