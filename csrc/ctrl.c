@@ -132,13 +132,10 @@ static void send_frame(mc_ctrl_t *c, int peer, int type, uint32_t epoch, const v
   struct msghdr m = {.msg_iov = iov, .msg_iovlen = 3};
   ssize_t n = sendmsg(p->conn->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
   if (n != (ssize_t)(sizeof h + alen + blen)) {
+    /* Nothing more goes out on this connection (the stream is no longer framed). The peer is
+     * not declared failed here: a closed connection shows up on the read side right after,
+     * after any goodbye it sent, and a peer that stopped reading falls silent as well. */
     p->conn->tx_broken = true;
-    /* a peer that stopped reading long enough to fill a socket buffer is not healthy */
-    if (type != MSG_EXCLUDED)
-      mark_failed(c, peer,
-                  n < 0 && errno != EAGAIN ? "its control connection failed"
-                                           : "its control connection is backed up",
-                  true);
     return;
   }
   p->last_tx = mc_now_ns();
