@@ -1,11 +1,14 @@
 #include "mooncake_backend.hpp"
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
 
 #include <Python.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -338,12 +341,40 @@ c10::intrusive_ptr<c10::ivalue::Future> MooncakeWork::getFuture() { return futur
 
 // ---------------------------------------------------------------- MooncakeBackend
 
+namespace {
+// Releases the GIL for its scope if this thread holds it: shutdown joins the completion thread,
+// which may be waiting for the GIL to run a Python future callback.
+class WithoutGil {
+public:
+  WithoutGil() {
+    if (Py_IsInitialized() && PyGILState_Check()) {
+      saved_ = PyEval_SaveThread();
+    }
+  }
+  ~WithoutGil() {
+    if (saved_ != nullptr) {
+      PyEval_RestoreThread(saved_);
+    }
+  }
+  WithoutGil(const WithoutGil &) = delete;
+  WithoutGil &operator=(const WithoutGil &) = delete;
+
+private:
+  PyThreadState *saved_ = nullptr;
+};
+} // namespace
+
 MooncakeBackend::MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, int rank, int size,
                                  std::chrono::milliseconds timeout, const std::string &groupName)
-    : c10d::Backend(rank, size), store_(store), name_(groupName),
-      options_(c10::make_intrusive<Options>(timeout)) {
+    : c10d::Backend(rank, size), name_(groupName), options_(c10::make_intrusive<Options>(timeout)) {
   init();
   options_->group_name = groupName;
+  // Keys of a previous communicator under the same group name (destroy_process_group() then
+  // init_process_group() on the same store) must not be read as this one's: each creation takes
+  // its own namespace. All ranks of creation k count before any rank can start creation k+1
+  // (rendezvous needs every rank's address), so the count identifies the creation.
+  int64_t gen = (store->add("mooncake/creations", 1) - 1) / size;
+  store_ = c10::make_intrusive<c10d::PrefixStore>("mooncake/" + std::to_string(gen), store);
   mcStore_.ctx = store_.get();
   mcStore_.set = storeSet;
   mcStore_.get = storeGet;
@@ -364,6 +395,21 @@ MooncakeBackend::MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, i
 }
 
 MooncakeBackend::~MooncakeBackend() { shutdown(); }
+
+c10::intrusive_ptr<c10d::Backend>
+MooncakeBackend::split(const c10::intrusive_ptr<c10d::Store> &store, const std::vector<int> &ranks,
+                       const c10::intrusive_ptr<c10d::Backend::Options> &opts) {
+  auto it = std::find(ranks.begin(), ranks.end(), rank_);
+  if (it == ranks.end()) {
+    return nullptr; // not a member of the new group
+  }
+  const int rank = static_cast<int>(it - ranks.begin());
+  const auto timeout = opts ? opts->timeout : options_->timeout;
+  const std::string name = opts && !opts->group_name.empty() ? opts->group_name : name_ + ":split";
+  WithoutGil noGil; // rendezvous blocks on the other members
+  return c10::make_intrusive<MooncakeBackend>(store, rank, static_cast<int>(ranks.size()), timeout,
+                                              name);
+}
 
 std::string MooncakeBackend::what(const char *op) const {
   std::string s = "mooncake rank " + std::to_string(rank_) + "/" + std::to_string(size_);
@@ -387,29 +433,6 @@ void MooncakeBackend::abort() {
     mc_comm_abort(comm_); // local and immediate: pending works fail with MC_ERR_REVOKED
   }
 }
-
-namespace {
-// Releases the GIL for its scope if this thread holds it: shutdown joins the completion thread,
-// which may be waiting for the GIL to run a Python future callback.
-class WithoutGil {
-public:
-  WithoutGil() {
-    if (Py_IsInitialized() && PyGILState_Check()) {
-      saved_ = PyEval_SaveThread();
-    }
-  }
-  ~WithoutGil() {
-    if (saved_ != nullptr) {
-      PyEval_RestoreThread(saved_);
-    }
-  }
-  WithoutGil(const WithoutGil &) = delete;
-  WithoutGil &operator=(const WithoutGil &) = delete;
-
-private:
-  PyThreadState *saved_ = nullptr;
-};
-} // namespace
 
 void MooncakeBackend::shutdown() {
   WithoutGil noGil;

@@ -101,6 +101,12 @@ public:
   const std::string getBackendName() const override { return "mooncake"; }
   c10::intrusive_ptr<c10d::Backend::Options> getBackendOptions() override { return options_; }
   void setTimeout(std::chrono::milliseconds timeout) override;
+  // split_group(): members of `ranks` (parent ranks, in the child's rank order) build a new
+  // communicator through `store` (already private to the child group); others get nullptr.
+  bool supportsSplitting() const override { return true; }
+  c10::intrusive_ptr<c10d::Backend>
+  split(const c10::intrusive_ptr<c10d::Store> &store, const std::vector<int> &ranks,
+        const c10::intrusive_ptr<c10d::Backend::Options> &opts) override;
   void abort() override;
   void shutdown() override;
   std::string transport();
