@@ -10,9 +10,9 @@ import pytest
 import _framework_workers
 from _harness import run_ranks
 
-CATEGORIES = ["ddp", "ddp_hooks", "fsdp2", "checkpoint", "objects", "objects_rooted",
+CATEGORIES = ["ddp", "ddp_hooks", "fsdp2", "dtensor", "checkpoint", "objects", "objects_rooted",
               "batch_p2p", "async"]
-JOBS = ["ddp", "fsdp2", "checkpoint", "objects", "objects_rooted", "batch_p2p", "async"]
+JOBS = ["ddp", "fsdp2", "dtensor", "checkpoint", "objects", "objects_rooted", "batch_p2p", "async"]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
