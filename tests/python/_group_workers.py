@@ -73,6 +73,12 @@ def check_new_group(c, rank, world):
             for r in reqs:
                 r.wait()
             c.equal(cat, f"ranks {ranks} ring", got, _value(order[(me - 1) % n], 60 + i))
+    # use_local_synchronization: only the members call new_group (each rank creates the same
+    # number of groups, or torch's group counter, hence later group names, would diverge).
+    pair = [rank - rank % 2, rank - rank % 2 + 1]
+    g = dist.new_group(pair, use_local_synchronization=True)
+    c.guard(cat, f"local sync {pair}", lambda: _check_group_sum(
+        c, cat, f"local sync {pair}", g, pair, rank, 80))
     # Two groups over the same ranks, used alternately with ops in flight on both.
     a, b = dist.new_group(), dist.new_group()
     xs = [_value(rank, 70 + k) for k in range(8)]
