@@ -1,11 +1,14 @@
 #include "mooncake_backend.hpp"
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
 
 #include <Python.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -266,52 +269,114 @@ struct MooncakeBackend::Pending {
 
 // ---------------------------------------------------------------- Completer
 
+namespace {
+thread_local bool tlsCompleterThread = false;
+} // namespace
+
+bool Completer::onCompleterThread() { return tlsCompleterThread; }
+
 void Completer::start() {
-  // The thread keeps its Completer alive: works (and so the queue) may outlive the backend.
-  thread_ = std::thread([self = shared_from_this()] { self->run(); });
+  std::lock_guard<std::mutex> g(mu_);
+  spawnLocked();
 }
 
-void Completer::push(c10::intrusive_ptr<MooncakeWork> work) {
+void Completer::spawnLocked() {
+  ++idle_;
+  // A thread keeps its Completer alive: works (and so the queue) may outlive the backend.
+  threads_.emplace_back([self = shared_from_this()] {
+    tlsCompleterThread = true;
+    self->run();
+  });
+}
+
+void Completer::push(uint64_t seq, c10::intrusive_ptr<MooncakeWork> work) {
+  std::vector<c10::intrusive_ptr<MooncakeWork>> inline_;
   {
     std::lock_guard<std::mutex> g(mu_);
-    if (!stopping_) {
-      queue_.push_back(std::move(work));
-      cv_.notify_one();
-      return;
+    arrived_.emplace(seq, std::move(work));
+    bool released = false;
+    while (!arrived_.empty() && arrived_.begin()->first == next_) {
+      auto w = std::move(arrived_.begin()->second);
+      arrived_.erase(arrived_.begin());
+      ++next_;
+      released = true;
+      if (!w) {
+        continue;
+      }
+      w->released_ = true;
+      if (stopping_) {
+        inline_.push_back(std::move(w)); // no threads any more
+      } else {
+        (w->nested_ ? nested_ : lane_).push_back(std::move(w));
+      }
+    }
+    if (released) {
+      releasedCv_.notify_all();
+      const bool runnable = !nested_.empty() || (!laneBusy_ && !lane_.empty());
+      if (runnable && idle_ == 0 && static_cast<int>(threads_.size()) < kMaxThreads && !stopping_) {
+        spawnLocked(); // every thread is inside a (possibly blocking) callback
+      }
+      cv_.notify_all();
     }
   }
-  work->complete(); // after stop(): nobody else will
+  for (auto &w : inline_) {
+    w->complete();
+  }
+}
+
+bool Completer::waitReleased(uint64_t seq, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto done = [&] { return next_ > seq; };
+  if (timeout.count() < 0) {
+    releasedCv_.wait(lk, done);
+    return true;
+  }
+  return releasedCv_.wait_for(lk, timeout, done);
 }
 
 void Completer::run() {
+  std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
+    cv_.wait(lk, [&] { return stopping_ || !nested_.empty() || (!laneBusy_ && !lane_.empty()); });
     c10::intrusive_ptr<MooncakeWork> work;
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) {
-        return;
-      }
-      work = std::move(queue_.front());
-      queue_.pop_front();
+    const bool lane = nested_.empty() && !laneBusy_ && !lane_.empty();
+    if (!nested_.empty()) {
+      work = std::move(nested_.front());
+      nested_.pop_front();
+    } else if (lane) {
+      work = std::move(lane_.front());
+      lane_.pop_front();
+      laneBusy_ = true;
+    } else {
+      return; // stopping, and what is left is another thread's (the busy lane's)
     }
+    --idle_;
+    lk.unlock();
     work->complete();
+    work.reset(); // may drop the last reference to a backend: outside the lock
+    lk.lock();
+    ++idle_;
+    if (lane) {
+      laneBusy_ = false;
+      cv_.notify_all();
+    }
   }
 }
 
 void Completer::stop() {
+  std::vector<std::thread> threads;
   {
     std::lock_guard<std::mutex> g(mu_);
     stopping_ = true;
+    threads.swap(threads_);
   }
   cv_.notify_all();
-  if (!thread_.joinable()) {
-    return;
-  }
-  if (thread_.get_id() == std::this_thread::get_id()) {
-    thread_.detach(); // last backend reference dropped by a future callback: can't join self
-  } else {
-    thread_.join();
+  for (auto &t : threads) {
+    if (t.get_id() == std::this_thread::get_id()) {
+      t.detach(); // last backend reference dropped by a future callback: can't join self
+    } else {
+      t.join();
+    }
   }
 }
 
@@ -334,7 +399,8 @@ void MooncakeWork::onEngineComplete(mc_request_t * /*req*/, void *arg) {
   // reference taken when the callback was registered.
   auto work = c10::intrusive_ptr<MooncakeWork>::reclaim(static_cast<MooncakeWork *>(arg));
   auto completer = work->completer_;
-  completer->push(std::move(work));
+  const uint64_t seq = work->seq_;
+  completer->push(seq, std::move(work));
 }
 
 void MooncakeWork::complete() {
@@ -381,12 +447,11 @@ bool MooncakeWork::isCompleted() {
       return true;
     }
   }
-  int done = 0;
-  mc_test(req_, &done);
-  if (done) {
-    complete();
+  if (!released_) {
+    return false; // it, or an earlier work, is still running
   }
-  return done != 0;
+  complete();
+  return true;
 }
 
 bool MooncakeWork::isSuccess() const {
@@ -412,9 +477,20 @@ std::vector<at::Tensor> MooncakeWork::result() { return outputs_; }
 bool MooncakeWork::wait(std::chrono::milliseconds timeout) {
   if (!isCompleted()) {
     // kNoTimeout (0): bounded by the operation's own deadline (the communicator timeout).
+    const auto start = std::chrono::steady_clock::now();
     mc_wait(req_, timeout == kNoTimeout ? -1 : toMs(timeout));
     int done = 0;
     mc_test(req_, &done);
+    if (done) {
+      // Complete once every earlier work is: they end by their own deadlines too.
+      auto left = std::chrono::milliseconds(-1);
+      if (timeout != kNoTimeout) {
+        left = std::max(std::chrono::milliseconds(0),
+                        timeout - std::chrono::duration_cast<std::chrono::milliseconds>(
+                                      std::chrono::steady_clock::now() - start));
+      }
+      done = completer_->waitReleased(seq_, left) ? 1 : 0;
+    }
     if (!done) {
       C10_THROW_ERROR(DistBackendError, what_ + ": wait timed out after " +
                                             std::to_string(timeout.count()) +
@@ -436,12 +512,40 @@ c10::intrusive_ptr<c10::ivalue::Future> MooncakeWork::getFuture() { return futur
 
 // ---------------------------------------------------------------- MooncakeBackend
 
+namespace {
+// Releases the GIL for its scope if this thread holds it: shutdown joins the completion thread,
+// which may be waiting for the GIL to run a Python future callback.
+class WithoutGil {
+public:
+  WithoutGil() {
+    if (Py_IsInitialized() && PyGILState_Check()) {
+      saved_ = PyEval_SaveThread();
+    }
+  }
+  ~WithoutGil() {
+    if (saved_ != nullptr) {
+      PyEval_RestoreThread(saved_);
+    }
+  }
+  WithoutGil(const WithoutGil &) = delete;
+  WithoutGil &operator=(const WithoutGil &) = delete;
+
+private:
+  PyThreadState *saved_ = nullptr;
+};
+} // namespace
+
 MooncakeBackend::MooncakeBackend(const c10::intrusive_ptr<c10d::Store> &store, int rank, int size,
                                  std::chrono::milliseconds timeout, const std::string &groupName)
-    : c10d::Backend(rank, size), store_(store), name_(groupName),
-      options_(c10::make_intrusive<Options>(timeout)) {
+    : c10d::Backend(rank, size), name_(groupName), options_(c10::make_intrusive<Options>(timeout)) {
   init();
   options_->group_name = groupName;
+  // Keys of a previous communicator under the same group name (destroy_process_group() then
+  // init_process_group() on the same store) must not be read as this one's: each creation takes
+  // its own namespace. All ranks of creation k count before any rank can start creation k+1
+  // (rendezvous needs every rank's address), so the count identifies the creation.
+  int64_t gen = (store->add("mooncake/creations", 1) - 1) / size;
+  store_ = c10::make_intrusive<c10d::PrefixStore>("mooncake/" + std::to_string(gen), store);
   mcStore_.ctx = store_.get();
   mcStore_.set = storeSet;
   mcStore_.get = storeGet;
@@ -473,6 +577,21 @@ MooncakeBackend::MooncakeBackend(const MooncakeBackend &parent, mc_comm_t *comm)
 
 MooncakeBackend::~MooncakeBackend() { shutdown(); }
 
+c10::intrusive_ptr<c10d::Backend>
+MooncakeBackend::split(const c10::intrusive_ptr<c10d::Store> &store, const std::vector<int> &ranks,
+                       const c10::intrusive_ptr<c10d::Backend::Options> &opts) {
+  auto it = std::find(ranks.begin(), ranks.end(), rank_);
+  if (it == ranks.end()) {
+    return nullptr; // not a member of the new group
+  }
+  const int rank = static_cast<int>(it - ranks.begin());
+  const auto timeout = opts ? opts->timeout : options_->timeout;
+  const std::string name = opts && !opts->group_name.empty() ? opts->group_name : name_ + ":split";
+  WithoutGil noGil; // rendezvous blocks on the other members
+  return c10::make_intrusive<MooncakeBackend>(store, rank, static_cast<int>(ranks.size()), timeout,
+                                              name);
+}
+
 std::string MooncakeBackend::what(const char *op) const {
   std::string s = "mooncake rank " + std::to_string(rank_) + "/" + std::to_string(size_);
   if (!name_.empty()) {
@@ -495,29 +614,6 @@ void MooncakeBackend::abort() {
     mc_comm_abort(comm_); // local and immediate: pending works fail with MC_ERR_REVOKED
   }
 }
-
-namespace {
-// Releases the GIL for its scope if this thread holds it: shutdown joins the completion thread,
-// which may be waiting for the GIL to run a Python future callback.
-class WithoutGil {
-public:
-  WithoutGil() {
-    if (Py_IsInitialized() && PyGILState_Check()) {
-      saved_ = PyEval_SaveThread();
-    }
-  }
-  ~WithoutGil() {
-    if (saved_ != nullptr) {
-      PyEval_RestoreThread(saved_);
-    }
-  }
-  WithoutGil(const WithoutGil &) = delete;
-  WithoutGil &operator=(const WithoutGil &) = delete;
-
-private:
-  PyThreadState *saved_ = nullptr;
-};
-} // namespace
 
 void MooncakeBackend::shutdown() {
   WithoutGil noGil;
@@ -602,10 +698,14 @@ MooncakeBackend::launch(const char *op, c10d::OpType type, Pending &&p,
                     work->what_ + " could not start: " + (why.empty() ? mc_status_str(st) : why));
   }
   work->req_ = req;
+  work->seq_ = nextSeq_++; // under commMu_: the order ops reach the engine
+  work->nested_ = Completer::onCompleterThread();
   // The callback owns one reference until it runs (possibly right here, if already done).
   MooncakeWork *ref = c10::intrusive_ptr<MooncakeWork>(work).release();
   if (mc_request_on_complete(req, &MooncakeWork::onEngineComplete, ref) != MC_OK) {
-    c10::intrusive_ptr<MooncakeWork>::reclaim(ref); // never registered; wait() still works
+    c10::intrusive_ptr<MooncakeWork>::reclaim(ref); // never registered (invalid arguments)
+    mc_wait(req, -1);
+    completer_->push(work->seq_, work);
   }
   return work;
 }

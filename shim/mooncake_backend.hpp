@@ -12,6 +12,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -25,24 +26,43 @@ namespace mooncake {
 
 class MooncakeWork;
 
-// One thread per backend that completes works (copy-back, Work::finish, future callbacks).
-// The engine's completion callback only enqueues here, so user `.then()` callbacks that block or
-// start new collectives never run on (and stall) the engine's progress thread.
+// Completes works (copy-back, Work::finish, future callbacks) off the engine's progress thread,
+// whose completion callback only hands the work over, so user `.then()` callbacks never stall
+// the engine.
+//
+// Order: works are numbered in issue order and released (counted complete, futures marked) in
+// that order, as on an NCCL stream, whatever order the engine finishes them in. Their callbacks
+// run one at a time in that order ("the lane"), so collectives that callbacks issue are issued
+// in the same order on every rank. A work issued from inside a callback (PowerSGD's callbacks
+// issue a collective and wait on its future) is released past the lane by another thread, or
+// the lane would wait on itself. Threads are started when all are busy, up to kMaxThreads.
 class Completer : public std::enable_shared_from_this<Completer> {
 public:
   void start();
-  void push(c10::intrusive_ptr<MooncakeWork> work);
-  // Completes what is queued, then stops the thread. Safe to call from the thread itself.
+  // Work number `seq` finished in the engine (`work` null: a number never to be completed).
+  void push(uint64_t seq, c10::intrusive_ptr<MooncakeWork> work);
+  // Waits until works 0..seq are all released; false on timeout (negative: no limit).
+  bool waitReleased(uint64_t seq, std::chrono::milliseconds timeout);
+  // Completes what is queued, then stops the threads. Safe to call from a completer thread.
   void stop();
+  static bool onCompleterThread();
 
 private:
+  static constexpr int kMaxThreads = 16;
+  void spawnLocked();
   void run();
 
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<c10::intrusive_ptr<MooncakeWork>> queue_;
+  std::condition_variable cv_;                                   // work for the threads, or stop
+  std::condition_variable releasedCv_;                           // next_ advanced
+  std::map<uint64_t, c10::intrusive_ptr<MooncakeWork>> arrived_; // finished, not yet released
+  uint64_t next_ = 0;                                            // lowest number not released
+  std::deque<c10::intrusive_ptr<MooncakeWork>> lane_;   // released, callbacks one at a time
+  std::deque<c10::intrusive_ptr<MooncakeWork>> nested_; // released, issued from a callback
+  bool laneBusy_ = false;
   bool stopping_ = false;
-  std::thread thread_;
+  int idle_ = 0; // threads not busy completing a work (started ones count as idle)
+  std::vector<std::thread> threads_;
 };
 
 class MooncakeWork : public c10d::Work {
@@ -80,6 +100,9 @@ private:
   std::once_flag finishOnce_;
   std::atomic<bool> futureDone_{false};
   int source_ = -1;
+  uint64_t seq_ = 0;                  // issue order on its backend
+  bool nested_ = false;               // issued from a completion callback
+  std::atomic<bool> released_{false}; // it and every earlier work finished (set by Completer)
 };
 
 class MooncakeBackend : public c10d::Backend {
@@ -103,6 +126,12 @@ public:
   const std::string getBackendName() const override { return "mooncake"; }
   c10::intrusive_ptr<c10d::Backend::Options> getBackendOptions() override { return options_; }
   void setTimeout(std::chrono::milliseconds timeout) override;
+  // split_group(): members of `ranks` (parent ranks, in the child's rank order) build a new
+  // communicator through `store` (already private to the child group); others get nullptr.
+  bool supportsSplitting() const override { return true; }
+  c10::intrusive_ptr<c10d::Backend>
+  split(const c10::intrusive_ptr<c10d::Store> &store, const std::vector<int> &ranks,
+        const c10::intrusive_ptr<c10d::Backend::Options> &opts) override;
   void abort() override;
   void shutdown() override;
   std::string transport();
@@ -182,6 +211,7 @@ private:
   c10::intrusive_ptr<Options> options_;
   std::mutex commMu_; // guards comm_ against shutdown while ops are issued
   mc_comm_t *comm_ = nullptr;
+  uint64_t nextSeq_ = 0; // numbers works in issue order (under commMu_)
   std::shared_ptr<Completer> completer_;
   std::vector<int64_t> parentRanks_;
 };
