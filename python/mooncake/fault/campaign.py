@@ -9,6 +9,8 @@ from .harness import HANG_KINDS, KILL_KINDS, Trial, run_trial
 
 OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast", "alltoall")
 SIZES = {"small": 1024, "large": 131072}  # float64 elements per rank (8 KiB, 1 MiB)
+# the engine's operation names (MC_FAULT op=) of the worker's torch calls
+ENGINE_OP = {"alltoall": "alltoallv"}
 LOCAL_SCENARIOS = ("sigkill", "sigstop", "kill_two", "kill_rank0", "mcfault_kill_op",
                    "mcfault_kill_agree", "mcfault_error")
 NET_SCENARIOS = ("partition", "partition_out", "link_down")
@@ -21,6 +23,7 @@ def make_trial(rng, scenario, ranks, op, size, **kw):
     at = round(rng.uniform(20, 300))  # ms after every rank ran its first operation
     seq = rng.randrange(3, 20) if size == "small" else rng.randrange(2, 6)
     t = Trial(ranks=ranks, op=op, size=size, count=SIZES[size], scenario=scenario, **kw)
+    op = ENGINE_OP.get(op, op)
     anyone = rng.randrange(ranks)
     if scenario == "sigkill":
         t.victims, t.events = (anyone,), ((at, "kill", anyone),)

@@ -111,7 +111,9 @@ def _launch(trial, lab, store, out_dir):
                    LOCAL_WORLD_SIZE=str(trial.ranks), MASTER_ADDR=store.addr,
                    MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
                    MCF_DIR=out_dir, MCF_OP=trial.op, MCF_COUNT=str(trial.count),
-                   MCF_POST=str(trial.post), OMP_NUM_THREADS="1")
+                   MCF_POST=str(trial.post), OMP_NUM_THREADS="1",
+                   # a fault that never comes must not run the job for minutes
+                   MCF_MAX_ITERS=str(max(200, 2 * 1024 * 1024 // max(1, trial.count))))
         if trial.mc_fault:
             env["MC_FAULT"] = trial.mc_fault
         if trial.transport:
@@ -175,7 +177,7 @@ def run_trial(trial):
     lab = store = None
     procs = []
     rec = {"scenario": trial.scenario, "op": trial.op, "size": trial.size,
-           "count": trial.count, "ranks": trial.ranks, "victims": sorted(trial.victims),
+           "count": trial.count, "world": trial.ranks, "victims": sorted(trial.victims),
            "mc_fault": trial.mc_fault, "events": [list(e) for e in trial.events],
            "transport": trial.transport or "auto", "netns": trial.use_netns}
     t_start = time.monotonic()
@@ -230,8 +232,12 @@ def _drive(trial, procs, lab, out_dir, t_start):
     victims = set(trial.victims)
     survivors = [r for r in range(n) if r not in victims]
     survivors_done_at = None
+    t_exit = {}
     while time.monotonic() < deadline:
         now = time.monotonic()
+        for r, p in enumerate(procs):
+            if r not in t_exit and p.poll() is not None:
+                t_exit[r] = now
         while pending and now >= t0 + pending[0][0] / 1e3:
             ev = pending.pop(0)
             t = time.monotonic()
@@ -259,6 +265,7 @@ def _drive(trial, procs, lab, out_dir, t_start):
     out["hung"] = [r for r in range(n) if procs[r].poll() is None
                    and not (r in stopped and not trial.cont_stopped)]
     out["exit"] = {r: _signal_name(procs[r].poll()) for r in range(n)}
+    out["t_exit"] = t_exit
     return out
 
 
@@ -297,7 +304,9 @@ def _judge(trial, rec, out_dir):
     problems = []
     wanted_events = len(trial.events)
     struck_ok = sum(1 for s in rec.get("struck", []) if s["took_effect"])
-    if unfired or struck_ok < wanted_events or (trial.mc_fault and not fired):
+    rules = [x for x in trial.mc_fault.split(";") if x]
+    fired_texts = {text for _, text, _ in fired}
+    if unfired or struck_ok < wanted_events or any(x not in fired_texts for x in rules):
         problems.append("not_fired")
     results = {r: _read_json(os.path.join(out_dir, f"result.{r}.json")) for r in range(n)}
     ranks = {}
@@ -305,6 +314,8 @@ def _judge(trial, rec, out_dir):
     for r in range(n):
         res = results[r] or {}
         info = {"exit": rec["exit"].get(r), "hung": r in rec["hung"]}
+        if r in rec["t_exit"] and rec["t_fault"]:
+            info["exit_after_fault_s"] = round(rec["t_exit"][r] - rec["t_fault"], 2)
         if res:
             info.update(shrinks=res.get("shrinks"), members=res.get("members"),
                         wrong_iterations=res.get("wrong"), excluded=res.get("excluded"),
@@ -357,6 +368,7 @@ def _judge(trial, rec, out_dir):
     rec["recovery_ms"] = {r: ranks[r]["recovery_ms"] for r in survivors
                           if "recovery_ms" in ranks[r]}
     rec["problems"] = sorted(set(problems))
+    rec.pop("t_exit", None)
     # one word: the worst thing that happened
     for word in ("hang", "wrong_result", "crash", "not_fired", "undetected", "false_suspicion"):
         if word in problems:
