@@ -53,6 +53,8 @@ def cmd_run(a):
         info = rec["ranks"][r]
         status = "HUNG" if info["hung"] else info["exit"]
         note = info.get("excluded") or info.get("first_error") or ""
+        if r in victims:
+            note = f"[{info.get('victim_outcome')}] {note}"
         print(f"{r:>4} {'victim' if r in victims else 'survivor':<8} {status:<10} "
               f"{campaign._fmt(info.get('detection_ms')):>9} "
               f"{campaign._fmt(info.get('recovery_ms')):>10}  {note[:90]}")

@@ -65,15 +65,18 @@ def make_trial(rng, scenario, ranks, op, size, **kw):
 
 
 def plan(seed, trials, ranks, scenarios, ops=OPS, sizes=tuple(SIZES), **kw):
-    """Every scenario in turn (shuffled by the seed), each with a random op and size."""
-    rng = random.Random(seed)
+    """Every scenario in turn (shuffled by the seed), each with a random op and size. Trial i
+    depends only on (seed, i): a longer campaign starts with the trials of a shorter one."""
     order = []
     while len(order) < trials:
         batch = list(scenarios)
-        rng.shuffle(batch)
+        random.Random(f"{seed}/{len(order)}").shuffle(batch)
         order += batch
-    return [make_trial(rng, s, ranks, rng.choice(ops), rng.choice(sizes), **kw)
-            for s in order[:trials]]
+    out = []
+    for i, s in enumerate(order[:trials]):
+        rng = random.Random(f"{seed}:{i}")
+        out.append(make_trial(rng, s, ranks, rng.choice(ops), rng.choice(sizes), **kw))
+    return out
 
 
 def percentile(xs, p):

@@ -328,6 +328,10 @@ def _judge(trial, rec, out_dir):
         if r in victims:
             # a victim that comes back (SIGCONT, healed link) may learn it was excluded or
             # (cut off) carry on alone; it must never claim the survivors' group
+            info["victim_outcome"] = (
+                "hung" if info["hung"] else "excluded" if res.get("excluded") else
+                f"continued alone as {res['members']}" if res.get("done") else
+                info["exit"] or "?")
             if res.get("done") and res.get("members") and len(res["members"]) > 1 and \
                     set(res["members"]) & set(survivors):
                 wrong.append(r)
