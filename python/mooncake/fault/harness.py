@@ -90,7 +90,8 @@ class _NetnsStore:
         self.addr, self.port = netns.BRIDGE_IP, 29400
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.bridge, sys.executable, "-c", _STORE_CODE,
-             str(self.port)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+             str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            start_new_session=True)
         line = self.proc.stdout.readline()
         if "ready" not in line:
             self.close()
@@ -319,6 +320,7 @@ def _judge(trial, rec, out_dir):
         if res:
             info.update(shrinks=res.get("shrinks"), members=res.get("members"),
                         wrong_iterations=res.get("wrong"), excluded=res.get("excluded"),
+                        failed_at_end=res.get("failed_at_end"),
                         first_error=(res.get("errors") or [{}])[0].get("msg"))
             if res.get("t_detect") and rec["t_fault"]:
                 info["detection_ms"] = round((res["t_detect"] - rec["t_fault"]) * 1e3, 2)

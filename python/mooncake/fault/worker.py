@@ -149,6 +149,7 @@ def main():
             with open(os.path.join(out_dir, f"ready.{rank}"), "w") as f:
                 f.write(str(time.monotonic()))
     res["members"] = members
+    res["failed_at_end"] = mooncake.failed_ranks()  # suspicions that never failed an op
     res["done"] = True
     res["t_done"] = time.monotonic()
     save()
