@@ -27,6 +27,8 @@ for it in range(iters):
         assert y[0].item() == dist.get_world_size()
         print(f"rank {rank}: shrunk to {dist.get_world_size()} ranks", flush=True)
         break
+    if it == 0:
+        note("ready")  # `run --ready`: faults are timed from here
 dist.destroy_process_group()
 sys.stdout.flush()
 os._exit(0)

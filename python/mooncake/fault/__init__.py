@@ -15,11 +15,15 @@ from .harness import Trial, run_trial  # noqa: F401
 
 def note(event, **fields):
     """Appends an event line to $MCF_DIR/events.<rank>. Any script run by the harness may
-    call ``note("detected")`` where it caught a failure: the harness then reports its
-    detection time (fault -> that call)."""
+    call ``note("ready")`` once its job runs (``run --ready`` waits for every rank's before
+    starting the fault clock) and ``note("detected")`` where it caught a failure (the harness
+    then reports its detection time: fault -> that call)."""
     d = os.environ.get("MCF_DIR")
     if not d:
         return
     rec = dict(fields, event=event, t=time.monotonic(), rank=int(os.environ.get("RANK", -1)))
     with open(os.path.join(d, f"events.{rec['rank']}"), "a") as f:
         f.write(json.dumps(rec) + "\n")
+    if event == "ready":  # `run --ready` starts the fault clock once every rank said so
+        with open(os.path.join(d, f"ready.{rec['rank']}"), "w") as f:
+            f.write(str(rec["t"]))

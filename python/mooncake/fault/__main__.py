@@ -46,7 +46,7 @@ def cmd_run(a):
               events=tuple(events), cont_stopped=not a.no_cont, timeout_s=a.timeout,
               use_netns=a.netns or any(e[1] not in ("kill", "stop") for e in events),
               transport=a.transport, script=script, keep_logs=True,
-              expect_failure=bool(victims or a.fault), env=_env(a))
+              expect_failure=bool(victims or a.fault), env=_env(a), wait_ready=a.ready)
     rec = run_trial(t)
     print(f"{'rank':>4} {'role':<8} {'status':<10} {'detect ms':>9} {'recover ms':>10}  note")
     for r in range(a.ranks):
@@ -180,6 +180,8 @@ def main(argv=None):
         r.add_argument(f"--{flag}", type=_at, action="append", metavar="R@MS",
                        help=f"{flag} rank R MS ms after the job runs")
     r.add_argument("--no-cont", action="store_true", help="leave stopped ranks stopped")
+    r.add_argument("--ready", action="store_true",
+                   help="user script: time faults from every rank's mooncake.fault.note('ready')")
     r.add_argument("--op", default="allreduce", choices=campaign.OPS)
     r.add_argument("--size", default="small", choices=tuple(campaign.SIZES))
     r.add_argument("--json")

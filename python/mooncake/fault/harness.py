@@ -50,6 +50,7 @@ class Trial:
     script: tuple = ()           # a user script (and args) instead of the built-in worker
     env: dict = dataclasses.field(default_factory=dict)
     keep_logs: bool = False
+    wait_ready: bool = False     # user script: start the clock at every rank's note("ready")
 
 
 def _signal_name(code):
@@ -216,7 +217,7 @@ def run_trial(trial):
 def _drive(trial, procs, lab, out_dir, t_start):
     deadline = t_start + trial.timeout_s
     n = trial.ranks
-    builtin = not trial.script
+    builtin = not trial.script or trial.wait_ready
     # the clock of the events starts when every rank ran its first operation (built-in
     # worker) or at launch (user scripts)
     t0 = time.monotonic()
@@ -320,7 +321,7 @@ def _judge(trial, rec, out_dir):
         if res:
             info.update(shrinks=res.get("shrinks"), members=res.get("members"),
                         wrong_iterations=res.get("wrong"), excluded=res.get("excluded"),
-                        failed_at_end=res.get("failed_at_end"),
+                        failed_at_end=res.get("failed_at_end"), iterations=res.get("iterations"),
                         first_error=(res.get("errors") or [{}])[0].get("msg"))
             if res.get("t_detect") and rec["t_fault"]:
                 info["detection_ms"] = round((res["t_detect"] - rec["t_fault"]) * 1e3, 2)
