@@ -160,6 +160,9 @@ static void conn_close(mc_ctrl_t *c, conn_t *conn) {
 static void agree_progress(mc_ctrl_t *c, epoch_state_t *e);
 
 static void revoke_comms(mc_ctrl_t *c, int failed_rank, mc_status_t st, const char *why) {
+#ifdef MC_PLANTED_BUG_NO_REVOKE /* proof that the fault harness catches a broken engine */
+  return;
+#endif
   for (attached_t *a = c->comms; a; a = a->next) {
     mc_comm_t *comm = a->comm;
     if (failed_rank >= 0 && comm->rank_of[failed_rank] < 0)

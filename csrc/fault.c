@@ -89,7 +89,11 @@ bool mc_fault_point(int rank, const char *op, int64_t seq, const char *phase) {
     if (atomic_load(&r->fired) || !matches(r, rank, op, seq, phase) ||
         atomic_exchange(&r->fired, true))
       continue;
-    fprintf(stderr, "mooncake: rank %d: MC_FAULT fired: %s\n", rank, r->text);
+    /* the time (CLOCK_MONOTONIC, Python's time.monotonic()) lets the harness measure detection */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    fprintf(stderr, "mooncake: rank %d: MC_FAULT fired: %s (at monotonic %lld.%06ld)\n", rank,
+            r->text, (long long)now.tv_sec, now.tv_nsec / 1000);
     fflush(stderr);
     if (!strcmp(r->action, "kill"))
       kill(getpid(), SIGKILL);
