@@ -23,7 +23,8 @@ BATCH = 32
 
 
 def log(msg):
-    print(msg, flush=True)
+    sys.stdout.write(msg + "\n")  # one write: lines of different ranks don't interleave
+    sys.stdout.flush()
 
 
 def train(rank, world, port, args, reached):

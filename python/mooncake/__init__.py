@@ -65,8 +65,6 @@ def _autoload():
         warnings.warn(f"mooncake: backend not registered during torch import: {err}")
 
 
-if not _torch_is_importing():
-    _register_c10d_backend()
 
 
 # ---- fault tolerance (docs/fault-tolerance.md) ----
@@ -153,3 +151,8 @@ def _install_shrink_support():
 
 
 __all__ += ["failed_ranks", "shrink"]
+
+
+# last: registration installs helpers defined above
+if not _torch_is_importing():
+    _register_c10d_backend()
