@@ -406,14 +406,17 @@ static int timeout_case(mc_comm_t *comm, const char *prefix, size_t count) {
     mc_status_t st = mc_wait(req, 20000);
     int64_t took = now_ms() - t0;
     const char *msg = mc_request_error(req);
-    CHECK(st == MC_ERR_TIMEOUT, "rank %d: %s: got %s (%s)", me, prefix, mc_status_str(st), msg);
+    /* the first rank to time out revokes the communicator on the others (control plane), so a
+     * rank may see that revoke, which carries the timeout's words, before its own deadline */
+    CHECK(st == MC_ERR_TIMEOUT || (st == MC_ERR_REVOKED && HAS(msg, "revoked by")),
+          "rank %d: %s: got %s (%s)", me, prefix, mc_status_str(st), msg);
     CHECK(took >= 1000 && took < 5000, "rank %d: %s: timed out after %lld ms", me, prefix,
           (long long)took);
     /* names the peers still waited for: "recv from 1" or, once the receive is done, "send to" */
     CHECK(HAS(msg, rank_str(me), "allreduce", "timed out", "waiting for") &&
               (HAS(msg, "recv from") || HAS(msg, "send to")),
           "rank %d: timeout message '%s'", me, msg);
-    if (me == 0 && count < 100)
+    if (me == 0 && count < 100 && st == MC_ERR_TIMEOUT)
       CHECK(HAS(msg, "recv from 1"), "rank 0: timeout message '%s' does not name rank 1", msg);
     mc_request_free(req);
     /* the communicator is broken: the next operations fail at once */
