@@ -79,7 +79,13 @@ static mc_status_t open_endpoint(const mc_comm_t *comm, uint32_t epoch, mc_trans
                               .comm_id = comm->id + epoch, /* unique per epoch */
                               .rank = comm->members[comm->rank],
                               .size = comm->lineage_size};
-  return mc_ofi_transport.open(&tp, out, err, errlen);
+  /* one at a time per process: libfabric 1.17's shm provider fails fi_enable with EBUSY when
+   * two endpoints are enabled at once (a standby opening while a communicator is created) */
+  static pthread_mutex_t opening = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_lock(&opening);
+  mc_status_t st = mc_ofi_transport.open(&tp, out, err, errlen);
+  pthread_mutex_unlock(&opening);
+  return st;
 }
 
 static void use_transport(mc_comm_t *comm, mc_transport_t *t) {
