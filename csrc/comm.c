@@ -10,6 +10,7 @@
 
 #include "internal.h"
 #include "reduce.h"
+#include "shm.h"
 
 static _Thread_local char last_error[MC_ERRLEN];
 
@@ -156,10 +157,23 @@ static void comm_free(mc_comm_t *comm) {
     mc_ofi_transport.close(standby);
   if (comm->transport)
     comm->tops->close(comm->transport);
+  mc_shm_destroy(comm);
   if (comm->ctrl)
     mc_ctrl_detach(comm->ctrl, comm);
   pthread_mutex_destroy(&comm->lock);
   free(comm->members), free(comm->rank_of), free(comm);
+}
+
+/* The intra-host path, when every rank is on this host and MC_SHM allows it. */
+static mc_status_t open_shm(mc_comm_t *comm) {
+  if (!comm->all_local || comm->size < 2 || !mc_param_int(MC_PARAM_SHM))
+    return MC_OK;
+  char err[MC_ERRLEN - 96];
+  mc_status_t st = mc_shm_create(comm, err, sizeof err);
+  if (st != MC_OK)
+    return fail(st, "rank %d: communicator %s: shared memory: %s (MC_SHM=0 turns it off)",
+                comm->rank, comm->name, err);
+  return MC_OK;
 }
 
 static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_store_t *store) {
@@ -209,6 +223,8 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
     return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
 
   if ((st = open_transport(comm)) != MC_OK)
+    return st;
+  if ((st = open_shm(comm)) != MC_OK) /* before the address: who reads it can attach */
     return st;
   char addr[256];
   size_t alen = sizeof addr;
@@ -262,6 +278,24 @@ static mc_status_t connect_all(mc_comm_t *comm) {
     fail(st, "rank %d: creating communicator %s: connecting to the other ranks failed: %s",
          comm->rank, comm->name, st == MC_ERR_TIMEOUT ? "timed out" : mc_request_error(req));
   mc_request_free(req);
+  if (st != MC_OK || !comm->shm)
+    return st;
+  /* Every rank maps the others' segments at its first shm operation, and removes its own
+   * segment's name once all have: an internal barrier does both now, so that no name outlives
+   * a crash. It does not count as a user operation. */
+  mc_request_t *barrier = mc_request_new(comm, MC_OP_BARRIER);
+  if (!barrier)
+    return fail(MC_ERR_NOMEM, "rank %d: out of memory", comm->rank);
+  barrier->dtype = MC_UINT8;
+  submit(comm, barrier, &barrier);
+  pthread_mutex_lock(&comm->lock);
+  comm->coll_seq--;
+  pthread_mutex_unlock(&comm->lock);
+  st = mc_wait(barrier, comm->timeout_ms);
+  if (st != MC_OK)
+    fail(st, "rank %d: creating communicator %s: attaching shared memory failed: %s", comm->rank,
+         comm->name, st == MC_ERR_TIMEOUT ? "timed out" : mc_request_error(barrier));
+  mc_request_free(barrier);
   return st;
 }
 
@@ -275,6 +309,8 @@ mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int 
   if (size < 1 || size > MC_MAX_RANKS || rank < 0 || rank >= size)
     return fail(MC_ERR_INVALID, "mc_comm_create: rank %d / size %d out of range (size 1..%d)", rank,
                 size, MC_MAX_RANKS);
+  if (mc_algo_config_error())
+    return fail(MC_ERR_INVALID, "rank %d: mc_comm_create: %s", rank, mc_algo_config_error());
   mc_comm_t *comm =
       comm_new(rank, size, size, cfg->name && *cfg->name ? cfg->name : "comm",
                cfg->timeout_ms > 0 ? cfg->timeout_ms : (int)mc_param_int(MC_PARAM_TIMEOUT_MS));
@@ -436,6 +472,8 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   if (standby)
     use_transport(nc, standby);
   st = !addrs || !lens ? MC_ERR_NOMEM : standby ? MC_OK : open_transport(nc);
+  if (st == MC_OK && comm->shm)
+    st = open_shm(nc);
   if (st == MC_OK && (st = nc->tops->get_address(nc->transport, addr, &alen)) != MC_OK)
     fail(st, "rank %d: shrink: transport address unavailable", comm->rank);
   if (st == MC_OK && (st = mc_ctrl_exchange(nc->ctrl, nc->epoch, nc->members, size, addr, alen,

@@ -35,6 +35,19 @@ typedef enum {
 
 const char *mc_op_name(mc_op_kind_t kind);
 
+/* The algorithm an operation runs (coll/select.c chooses, MC_ALGO overrides). */
+typedef enum {
+  MC_ALGO_DEFAULT = 0, /* the kind's only transport algorithm */
+  MC_ALGO_TRIVIAL,     /* one rank */
+  MC_ALGO_RD,          /* recursive doubling */
+  MC_ALGO_RING,
+  MC_ALGO_BINOMIAL,
+  MC_ALGO_DISSEMINATION,
+  MC_ALGO_SHM, /* shared memory, the shm path picks the variant by size */
+  MC_ALGO_SHM_FLAT,
+  MC_ALGO_SHM_TWO_PHASE,
+} mc_algo_t;
+
 /* One posted send or receive of a step. */
 typedef struct mc_xfer {
   mc_transport_ctx_t tctx; /* transport-private; first so the transport can cast */
@@ -78,7 +91,14 @@ struct mc_request {
   uint64_t signature; /* what every rank must agree on; travels as remote CQ data */
   int64_t deadline_ns;
 
-  int algo;
+  mc_algo_t algo;
+  bool on_shm; /* run by the shared-memory path (backend/shm), not by steps */
+  struct {
+    bool started;
+    int algo, phase;
+    uint64_t t0;          /* first chunk number */
+    size_t chunk, chunks; /* current chunk, chunk count */
+  } shm;
   int step;
   mc_xfer_t xfers[MC_MAX_XFERS];
   int nxfers;
@@ -113,6 +133,7 @@ struct mc_comm {
   const mc_transport_ops_t *tops;
   mc_transport_t *transport;
   char provider[32];
+  struct mc_shm *shm; /* the intra-host path, when every rank is on this host (shm.h) */
 
   pthread_t thread;
   pthread_mutex_t lock; /* guards incoming, stop, broken, sleeping */
@@ -161,6 +182,11 @@ void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why);
 void mc_comm_revoke_local(mc_comm_t *comm, mc_status_t st, const char *why);
 
 /* schedules (coll/) */
+mc_algo_t mc_algo_choose(const mc_request_t *req);
+const char *mc_algo_config_error(void); /* MC_ALGO does not parse: why */
+/* Copies `in` into `dst` (count elements), scaled by the PREMUL_SUM factor if that is the op. */
+void mc_load_input(const mc_request_t *req, void *dst, const void *in, size_t count);
+void mc_describe_signature(uint64_t sig, char *out, size_t len);
 void mc_sched_start(mc_request_t *req); /* first step, or completion */
 void mc_sched_xfer_done(mc_xfer_t *x, const mc_completion_t *c);
 void mc_sched_repost(mc_request_t *req);   /* retry posts that got EAGAIN */

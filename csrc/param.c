@@ -20,6 +20,10 @@ static mc_param_t params[MC_PARAM_COUNT] = {
     [MC_PARAM_OFI_IFACE] = {"MC_OFI_IFACE", "", 0},
     [MC_PARAM_HEARTBEAT_MS] = {"MC_HEARTBEAT_MS", "50", 0},
     [MC_PARAM_FAILURE_TIMEOUT_MS] = {"MC_FAILURE_TIMEOUT_MS", "300", 0},
+    [MC_PARAM_SHM] = {"MC_SHM", "1", 0},
+    [MC_PARAM_SHM_SLOT_BYTES] = {"MC_SHM_SLOT_BYTES", "1048576", 0},
+    [MC_PARAM_SHM_FLAT_MAX] = {"MC_SHM_FLAT_MAX", "65536", 0},
+    [MC_PARAM_ALGO] = {"MC_ALGO", "", 0},
 };
 
 static pthread_once_t params_once = PTHREAD_ONCE_INIT;

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "shm.h"
 
 void mc_progress_kick(mc_comm_t *comm) {
   uint64_t one = 1;
@@ -144,6 +145,10 @@ static void reap(mc_comm_t *comm) {
 
 /* Names the peers a request still waits for, e.g. "1, 3". */
 static void waiting_for(const mc_request_t *req, char *out, size_t len) {
+  if (req->on_shm) {
+    mc_shm_waiting_for(req, out, len);
+    return;
+  }
   size_t used = 0;
   out[0] = 0;
   for (int i = 0; i < req->nxfers && used + 12 < len; i++) {
@@ -209,8 +214,12 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
   pthread_mutex_unlock(&comm->lock);
   bool can_sleep =
       !work && (!comm->transport || comm->tops->prepare_sleep(comm->transport, &fd, &backstop_us));
+  int shm_fd = -1;
+  bool shm_asked = can_sleep && comm->shm;
+  if (shm_asked)
+    can_sleep = mc_shm_prepare_sleep(comm, &shm_fd);
   if (can_sleep) {
-    struct pollfd fds[2] = {{comm->wake_fd, POLLIN, 0}, {fd, POLLIN, 0}};
+    struct pollfd fds[3] = {{comm->wake_fd, POLLIN, 0}, {fd, POLLIN, 0}, {shm_fd, POLLIN, 0}};
     int timeout_ms = -1;
     bool pending = comm->active_head != NULL;
     if (pending && nearest_deadline != INT64_MAX) {
@@ -222,7 +231,7 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
       if (timeout_ms < 0 || b < timeout_ms)
         timeout_ms = b;
     }
-    if (poll(fds, fd >= 0 ? 2 : 1, timeout_ms) > 0 && (fds[0].revents & POLLIN)) {
+    if (poll(fds, 3, timeout_ms) > 0 && (fds[0].revents & POLLIN)) { /* fd -1: ignored */
       uint64_t v;
       ssize_t r = read(comm->wake_fd, &v, sizeof v);
       (void)r;
@@ -230,6 +239,8 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
     if (comm->transport)
       comm->tops->after_sleep(comm->transport);
   }
+  if (shm_asked)
+    mc_shm_after_sleep(comm);
   pthread_mutex_lock(&comm->lock);
   comm->sleeping = false;
   pthread_mutex_unlock(&comm->lock);
@@ -258,6 +269,8 @@ static void *progress_main(void *arg) {
       fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
     }
     busy |= drain_completions(comm);
+    if (broken == MC_OK && comm->shm)
+      busy |= mc_shm_progress(comm);
     int64_t now = mc_now_ns();
     int64_t nearest = check_deadlines(comm, now);
     reap(comm);

@@ -15,8 +15,6 @@
 #include "internal.h"
 #include "reduce.h"
 
-enum { ALGO_TRIVIAL, ALGO_RD, ALGO_RING };
-
 /* The root of a gather receives up to this many chunks in one step (MC_MAX_XFERS bounds a
  * step), and an all-to-all exchanges with this many peers per step. */
 #define GATHER_BATCH 32
@@ -60,8 +58,7 @@ static int subtree(int v, int n) {
   return v == 0 || low > n - v ? n - v : low;
 }
 
-/* Copies `in` into `dst` (count elements), scaled by the PREMUL_SUM factor if that is the op. */
-static void load_input(const mc_request_t *req, void *dst, const void *in, size_t count) {
+void mc_load_input(const mc_request_t *req, void *dst, const void *in, size_t count) {
   if (req->redop == MC_PREMUL_SUM && (req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_REDUCE ||
                                       req->kind == MC_OP_REDUCE_SCATTER))
     mc_premul(dst, in, count, req->dtype, req->factor);
@@ -73,20 +70,18 @@ static void setup_reduce(mc_request_t *req, size_t bytes, size_t esz) {
   const int n = req->comm->size;
   const bool root = req->comm->rank == req->root;
   if (n == 1) {
-    load_input(req, req->out, req->in, req->count);
+    mc_load_input(req, req->out, req->in, req->count);
     return;
   }
   /* The root reduces into out; the others into scratch after the receive space. */
   size_t recv_bytes = bytes;
-  if (bytes >= (size_t)mc_param_int(MC_PARAM_RING_MIN_BYTES) && req->count >= (size_t)n) {
-    req->algo = ALGO_RING;
+  if (req->algo == MC_ALGO_RING)
     recv_bytes = chunk_count(req->count, n, 0) * esz;
-  }
   if (!scratch(req, recv_bytes + (root ? 0 : bytes)))
     return;
   if (!root)
     req->out = (char *)req->tmp + recv_bytes;
-  load_input(req, req->out, req->in, req->count);
+  mc_load_input(req, req->out, req->in, req->count);
 }
 
 /* Gather and scatter keep the blocks of a subtree in virtual-rank order: the root uses out (in)
@@ -116,17 +111,14 @@ void mc_algo_setup(mc_request_t *req) {
   mc_comm_t *comm = req->comm;
   const int n = comm->size;
   const size_t esz = mc_dtype_size(req->dtype), bytes = req->count * esz;
-  req->algo = n == 1 ? ALGO_TRIVIAL : ALGO_RD;
   switch (req->kind) {
   case MC_OP_ALLREDUCE: {
-    load_input(req, req->out, req->in, req->count);
+    mc_load_input(req, req->out, req->in, req->count);
     if (n == 1)
       break;
     size_t tmp_bytes = bytes;
-    if (bytes >= (size_t)mc_param_int(MC_PARAM_RING_MIN_BYTES) && req->count >= (size_t)n) {
-      req->algo = ALGO_RING;
+    if (req->algo == MC_ALGO_RING)
       tmp_bytes = chunk_count(req->count, n, 0) * esz;
-    }
     if (tmp_bytes && !(req->tmp = malloc(tmp_bytes))) {
       mc_request_complete(req, MC_ERR_NOMEM, "rank %d: allreduce #%u: no memory for %zu bytes",
                           comm->rank, req->seq, tmp_bytes);
@@ -135,7 +127,7 @@ void mc_algo_setup(mc_request_t *req) {
   }
   case MC_OP_REDUCE_SCATTER: {
     if (n == 1) {
-      load_input(req, req->out, req->in, req->count);
+      mc_load_input(req, req->out, req->in, req->count);
       break;
     }
     /* PREMUL_SUM: the ring reads every input block, so it reads a scaled copy */
@@ -143,7 +135,7 @@ void mc_algo_setup(mc_request_t *req) {
     if (!scratch(req, bytes + in_bytes))
       break;
     if (in_bytes) {
-      load_input(req, (char *)req->tmp + bytes, req->in, req->count * n);
+      mc_load_input(req, (char *)req->tmp + bytes, req->in, req->count * n);
       req->in = (char *)req->tmp + bytes;
     }
     break;
@@ -488,21 +480,21 @@ bool mc_algo_next_step(mc_request_t *req) {
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
   switch (req->kind) {
   case MC_OP_ALLREDUCE:
-    if (req->algo == ALGO_TRIVIAL)
+    if (req->algo == MC_ALGO_TRIVIAL)
       return false;
-    return req->algo == ALGO_RING ? allreduce_ring(req) : allreduce_rd(req);
-  case MC_OP_ALLGATHER: return req->algo != ALGO_TRIVIAL && allgather_ring(req);
-  case MC_OP_REDUCE_SCATTER: return req->algo != ALGO_TRIVIAL && reduce_scatter_ring(req);
-  case MC_OP_BROADCAST: return req->algo != ALGO_TRIVIAL && broadcast_binomial(req);
+    return req->algo == MC_ALGO_RING ? allreduce_ring(req) : allreduce_rd(req);
+  case MC_OP_ALLGATHER: return req->algo != MC_ALGO_TRIVIAL && allgather_ring(req);
+  case MC_OP_REDUCE_SCATTER: return req->algo != MC_ALGO_TRIVIAL && reduce_scatter_ring(req);
+  case MC_OP_BROADCAST: return req->algo != MC_ALGO_TRIVIAL && broadcast_binomial(req);
   case MC_OP_REDUCE:
-    if (req->algo == ALGO_TRIVIAL)
+    if (req->algo == MC_ALGO_TRIVIAL)
       return false;
-    return req->algo == ALGO_RING ? reduce_ring(req) : reduce_binomial(req);
-  case MC_OP_GATHER: return req->algo != ALGO_TRIVIAL && gather_binomial(req);
-  case MC_OP_SCATTER: return req->algo != ALGO_TRIVIAL && scatter_binomial(req);
+    return req->algo == MC_ALGO_RING ? reduce_ring(req) : reduce_binomial(req);
+  case MC_OP_GATHER: return req->algo != MC_ALGO_TRIVIAL && gather_binomial(req);
+  case MC_OP_SCATTER: return req->algo != MC_ALGO_TRIVIAL && scatter_binomial(req);
   case MC_OP_ALLTOALL:
-  case MC_OP_ALLTOALLV: return req->algo != ALGO_TRIVIAL && alltoall_pairwise(req);
-  case MC_OP_BARRIER: return req->algo != ALGO_TRIVIAL && barrier_dissemination(req);
+  case MC_OP_ALLTOALLV: return req->algo != MC_ALGO_TRIVIAL && alltoall_pairwise(req);
+  case MC_OP_BARRIER: return req->algo != MC_ALGO_TRIVIAL && barrier_dissemination(req);
   case MC_OP_CONNECT: return connect_lower_first(req);
   case MC_OP_SEND:
     if (req->step)

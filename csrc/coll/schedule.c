@@ -30,7 +30,7 @@ static uint64_t signature_of(const mc_request_t *req) {
   return count << 29 | root << 14 | redop << 9 | (uint64_t)req->dtype << 4 | (uint64_t)req->kind;
 }
 
-static void describe_signature(uint64_t sig, char *out, size_t len) {
+void mc_describe_signature(uint64_t sig, char *out, size_t len) {
   int kind = sig & 0xf, dtype = (sig >> 4) & 0x1f, redop = (sig >> 9) & 0xf;
   int root = (int)((sig >> 14) & 0x7fff);
   unsigned long long count = sig >> 29;
@@ -187,6 +187,12 @@ static void advance(mc_request_t *req) {
 void mc_sched_start(mc_request_t *req) {
   req->signature = signature_of(req);
   req->step = 0;
+  req->algo = mc_algo_choose(req);
+  if (req->algo == MC_ALGO_SHM || req->algo == MC_ALGO_SHM_FLAT ||
+      req->algo == MC_ALGO_SHM_TWO_PHASE) {
+    req->on_shm = true; /* the progress loop runs it (mc_shm_progress) */
+    return;
+  }
   mc_algo_setup(req);
   if (atomic_load(&req->done))
     return; /* setup failed */
@@ -218,8 +224,8 @@ static void check_arrival(mc_request_t *req, mc_xfer_t *x, const mc_completion_t
              src);
   } else if ((c->data & ~SIG_MISMATCH) != req->signature) {
     char theirs[96], mine[96];
-    describe_signature(c->data & ~SIG_MISMATCH, theirs, sizeof theirs);
-    describe_signature(req->signature, mine, sizeof mine);
+    mc_describe_signature(c->data & ~SIG_MISMATCH, theirs, sizeof theirs);
+    mc_describe_signature(req->signature, mine, sizeof mine);
     mismatch(req, "rank %d called %s but this rank called %s", src, theirs, mine);
   } else if (c->len != x->len) {
     mismatch(req, "rank %d sent %zu bytes, this rank expected %zu", src, c->len, x->len);

@@ -1,0 +1,576 @@
+/* Intra-host collectives over shared memory (csrc/shm.h).
+ *
+ * Every rank owns one segment: a header of flags and double-buffered slots. A rank writes only
+ * its own segment and reads its peers' (mapped read-only), so a dead or stopped peer can never
+ * corrupt this rank's memory. Operations are cut into chunks that fit a slot; chunk number t
+ * counts across the communicator's shm operations and uses slot t % 2. Three monotonic flags
+ * per rank say how far it got:
+ *   arrived   its input of chunk t is in slot[t % 2] (with the operation's signature)
+ *   reduced   its slice of chunk t is reduced, in red[t % 2] (allreduce, two-phase)
+ *   released  it has finished reading its peers' buffers of chunk t
+ * A rank writes slot[t % 2] again only when every peer has released t - 2: flags instead of
+ * barriers, and two chunks in flight.
+ *
+ * Algorithms: allreduce "flat" (small: every rank reduces all inputs itself, one sync) and
+ * "two-phase" (each rank reduces a 1/n slice, the others copy it: reduce-scatter + allgather,
+ * two syncs); reduce_scatter (each rank reduces its block from the peers' slots); allgather and
+ * broadcast (copy from the peers' slots); barrier (flags only).
+ *
+ * Sleeping: a waiting rank spins briefly (the progress loop), then sets its `sleeping` flag
+ * and blocks in poll() on a FIFO; a rank that sets a flag writes a byte to every sleeping
+ * peer's FIFO. Both sides check after writing, so no wake-up is lost. */
+#define _GNU_SOURCE
+#include "shm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fault.h"
+#include "internal.h"
+#include "reduce.h"
+
+#define SHM_MAGIC 0x6d63736d68ULL /* "mcshm" */
+#define HEADER_BYTES 4096
+
+typedef struct {
+  _Alignas(64) _Atomic uint64_t arrived;
+  _Alignas(64) _Atomic uint64_t reduced;
+  _Alignas(64) _Atomic uint64_t released;
+  _Alignas(64) _Atomic uint32_t sleeping;
+  _Alignas(64) uint64_t sig[2]; /* signature of the operation whose chunk is in slot[i] */
+  uint64_t magic;
+  uint64_t slot_bytes;
+} shm_header_t;
+
+_Static_assert(sizeof(shm_header_t) <= HEADER_BYTES, "shm header too large");
+
+typedef struct {
+  const shm_header_t *hdr; /* own: writable through self */
+  const char *base;
+  int wake_fd; /* write end of the peer's FIFO */
+} shm_peer_t;
+
+struct mc_shm {
+  int n, me;
+  size_t slot_bytes, map_bytes, flat_max;
+  shm_header_t *self;
+  char *self_base;
+  shm_peer_t *peer; /* n entries, own included */
+  char seg_name[80], wake_path[96];
+  int wake_rd; /* own FIFO, opened read-write so that it never reports EOF */
+  bool attached, unlinked;
+  uint64_t next_t; /* chunk number the next operation starts at */
+};
+
+enum { PH_START, PH_ARRIVED, PH_REDUCED };
+enum { ALG_FLAT = 1, ALG_TWO_PHASE };
+
+/* Layout after the header: slot[0], slot[1], red[0], red[1], each slot_bytes. */
+static char *slot_of(char *base, size_t slot_bytes, uint64_t t) {
+  return base + HEADER_BYTES + (t & 1) * slot_bytes;
+}
+static char *red_of(char *base, size_t slot_bytes, uint64_t t) {
+  return base + HEADER_BYTES + (2 + (t & 1)) * slot_bytes;
+}
+
+static void names(const mc_comm_t *comm, int rank, char *seg, size_t seglen, char *wake,
+                  size_t wakelen) {
+  unsigned long long id = (unsigned long long)comm->id;
+  snprintf(seg, seglen, "/mooncake-%016llx-%u-%d", id, comm->epoch, comm->members[rank]);
+  snprintf(wake, wakelen, "/dev/shm/mooncake-%016llx-%u-%d.wake", id, comm->epoch,
+           comm->members[rank]);
+}
+
+mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
+  mc_shm_t *s = calloc(1, sizeof *s);
+  if (!s || !(s->peer = calloc(comm->size, sizeof *s->peer))) {
+    free(s);
+    snprintf(err, errlen, "out of memory");
+    return MC_ERR_NOMEM;
+  }
+  s->n = comm->size;
+  s->me = comm->rank;
+  s->slot_bytes = (size_t)mc_param_int(MC_PARAM_SHM_SLOT_BYTES);
+  if (s->slot_bytes < 4096)
+    s->slot_bytes = 4096;
+  s->slot_bytes &= ~(size_t)63;
+  s->flat_max = (size_t)mc_param_int(MC_PARAM_SHM_FLAT_MAX);
+  s->map_bytes = HEADER_BYTES + 4 * s->slot_bytes;
+  s->wake_rd = -1;
+  s->next_t = 1;
+  for (int r = 0; r < s->n; r++)
+    s->peer[r].wake_fd = -1;
+  names(comm, s->me, s->seg_name, sizeof s->seg_name, s->wake_path, sizeof s->wake_path);
+
+  const char *what = "shm_open";
+  int fd = shm_open(s->seg_name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd >= 0) {
+    what = "ftruncate";
+    if (ftruncate(fd, (off_t)s->map_bytes) == 0) {
+      what = "mmap";
+      void *p = mmap(NULL, s->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (p != MAP_FAILED)
+        s->self_base = p;
+    }
+    close(fd);
+  }
+  if (s->self_base) {
+    what = "mkfifo";
+    if (mkfifo(s->wake_path, 0600) == 0)
+      s->wake_rd = open(s->wake_path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  }
+  if (!s->self_base || s->wake_rd < 0) {
+    snprintf(err, errlen, "%s for %s failed: %s", what, s->seg_name, strerror(errno));
+    if (s->self_base) {
+      munmap(s->self_base, s->map_bytes);
+      unlink(s->wake_path);
+    }
+    shm_unlink(s->seg_name);
+    free(s->peer);
+    free(s);
+    return MC_ERR_TRANSPORT;
+  }
+  s->self = (shm_header_t *)s->self_base;
+  s->self->magic = SHM_MAGIC;
+  s->self->slot_bytes = s->slot_bytes;
+  s->peer[s->me].hdr = s->self;
+  s->peer[s->me].base = s->self_base;
+  comm->shm = s;
+  return MC_OK;
+}
+
+static void unlink_names(mc_shm_t *s) {
+  if (s->unlinked)
+    return;
+  s->unlinked = true;
+  shm_unlink(s->seg_name);
+  unlink(s->wake_path);
+}
+
+void mc_shm_destroy(mc_comm_t *comm) {
+  mc_shm_t *s = comm->shm;
+  if (!s)
+    return;
+  unlink_names(s);
+  for (int r = 0; r < s->n; r++) {
+    if (r != s->me && s->peer[r].base)
+      munmap((void *)s->peer[r].base, s->map_bytes);
+    if (s->peer[r].wake_fd >= 0)
+      close(s->peer[r].wake_fd);
+  }
+  munmap(s->self_base, s->map_bytes);
+  close(s->wake_rd);
+  free(s->peer);
+  free(s);
+  comm->shm = NULL;
+}
+
+/* Maps every peer's segment. They exist: a peer creates its segment before it publishes its
+ * transport address, which this rank read before it could start an operation. */
+static mc_status_t attach(mc_comm_t *comm, char *err, size_t errlen) {
+  mc_shm_t *s = comm->shm;
+  for (int r = 0; r < s->n; r++) {
+    if (r == s->me || s->peer[r].base)
+      continue;
+    char seg[80], wake[96];
+    names(comm, r, seg, sizeof seg, wake, sizeof wake);
+    int fd = shm_open(seg, O_RDONLY | O_CLOEXEC, 0);
+    void *p = MAP_FAILED;
+    if (fd >= 0) {
+      p = mmap(NULL, s->map_bytes, PROT_READ, MAP_SHARED, fd, 0);
+      close(fd);
+    }
+    if (p == MAP_FAILED) {
+      snprintf(err, errlen, "cannot map rank %d's segment %s: %s", r, seg, strerror(errno));
+      return MC_ERR_PEER_FAILED;
+    }
+    s->peer[r].base = p;
+    s->peer[r].hdr = p;
+    if (s->peer[r].hdr->magic != SHM_MAGIC || s->peer[r].hdr->slot_bytes != s->slot_bytes) {
+      snprintf(err, errlen, "rank %d's segment %s has another layout (MC_SHM_SLOT_BYTES differs?)",
+               r, seg);
+      return MC_ERR_INVALID;
+    }
+    if ((s->peer[r].wake_fd = open(wake, O_WRONLY | O_NONBLOCK | O_CLOEXEC)) < 0) {
+      snprintf(err, errlen, "cannot open rank %d's wake-up FIFO %s: %s", r, wake, strerror(errno));
+      return MC_ERR_PEER_FAILED;
+    }
+  }
+  s->attached = true;
+  return MC_OK;
+}
+
+/* ---- which operations, how many chunks ---- */
+
+bool mc_shm_supports(int kind) {
+  return kind == MC_OP_ALLREDUCE || kind == MC_OP_REDUCE_SCATTER || kind == MC_OP_ALLGATHER ||
+         kind == MC_OP_BROADCAST || kind == MC_OP_BARRIER;
+}
+
+/* Elements per chunk: what one slot holds (reduce_scatter: n blocks of it). */
+static size_t chunk_elems(const mc_shm_t *s, const mc_request_t *req) {
+  size_t esz = mc_dtype_size(req->dtype);
+  size_t per = s->slot_bytes / esz;
+  if (req->kind == MC_OP_REDUCE_SCATTER)
+    per /= (size_t)s->n;
+  return per ? per : 1;
+}
+
+static void start(mc_shm_t *s, mc_request_t *req) {
+  size_t esz = mc_dtype_size(req->dtype), per = chunk_elems(s, req);
+  bool two_phase = req->algo == MC_ALGO_SHM_TWO_PHASE ||
+                   (req->algo == MC_ALGO_SHM && req->count * esz > s->flat_max);
+  req->shm.algo = req->kind == MC_OP_ALLREDUCE && two_phase ? ALG_TWO_PHASE : ALG_FLAT;
+  req->shm.t0 = s->next_t;
+  req->shm.chunks = req->count ? (req->count + per - 1) / per : 1;
+  if (req->kind == MC_OP_BARRIER)
+    req->shm.chunks = 1;
+  req->shm.chunk = 0;
+  req->shm.phase = PH_START;
+  req->shm.started = true;
+}
+
+/* ---- flags ---- */
+
+static size_t flag_offset(int phase) {
+  return phase == PH_START     ? offsetof(shm_header_t, released)
+         : phase == PH_ARRIVED ? offsetof(shm_header_t, arrived)
+                               : offsetof(shm_header_t, reduced);
+}
+
+static uint64_t flag(const shm_header_t *h, size_t off) {
+  return atomic_load((_Atomic uint64_t *)((char *)h + off));
+}
+
+/* The value every peer's flag must reach before the request's phase can run. */
+static uint64_t awaited(const mc_request_t *req) {
+  uint64_t t = req->shm.t0 + req->shm.chunk;
+  if (req->shm.phase == PH_START)
+    return t > 2 ? t - 2 : 0; /* slot[t % 2] free again */
+  return t;
+}
+
+static bool peers_reached(const mc_shm_t *s, const mc_request_t *req) {
+  uint64_t want = awaited(req);
+  size_t off = flag_offset(req->shm.phase);
+  for (int r = 0; r < s->n; r++)
+    if (r != s->me && flag(s->peer[r].hdr, off) < want)
+      return false;
+  return true;
+}
+
+static void publish(mc_shm_t *s, _Atomic uint64_t *f, uint64_t t) {
+  atomic_store(f, t); /* sequentially consistent: pairs with the sleeper's flag-then-check */
+  for (int r = 0; r < s->n; r++)
+    if (r != s->me && atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->sleeping)) {
+      char one = 1;
+      ssize_t w = write(s->peer[r].wake_fd, &one, 1);
+      (void)w; /* a full FIFO is already a wake-up */
+    }
+}
+
+/* ---- the chunk phases ---- */
+
+/* Chunk geometry of the request's current chunk, in elements. */
+typedef struct {
+  uint64_t t;
+  size_t base, len; /* element range of the chunk within a rank's block */
+} chunk_t;
+
+static chunk_t current_chunk(const mc_shm_t *s, const mc_request_t *req) {
+  size_t per = chunk_elems(s, req);
+  chunk_t c = {req->shm.t0 + req->shm.chunk, req->shm.chunk * per, 0};
+  c.len = req->count > c.base ? req->count - c.base : 0;
+  if (c.len > per)
+    c.len = per;
+  return c;
+}
+
+static char *elem(const void *buf, size_t i, size_t esz) { return (char *)buf + i * esz; }
+
+/* Two-phase slices of a chunk of len elements: slice i of n, as the ring's chunks. */
+static size_t slice_count(size_t len, int n, int i) { return len / n + ((size_t)i < len % n); }
+static size_t slice_offset(size_t len, int n, int i) {
+  size_t base = len / n, extra = len % n;
+  return (size_t)i * base + ((size_t)i < extra ? (size_t)i : extra);
+}
+
+/* PH_START: put this rank's input of the chunk into its slot, then say so. */
+static void copy_in(mc_shm_t *s, mc_request_t *req, chunk_t c) {
+  size_t esz = mc_dtype_size(req->dtype);
+  char *slot = slot_of(s->self_base, s->slot_bytes, c.t);
+  switch (req->kind) {
+  case MC_OP_ALLREDUCE:
+    if (req->shm.algo == ALG_FLAT) {
+      mc_load_input(req, slot, elem(req->in, c.base, esz), c.len);
+    } else { /* the slices the others reduce; this rank reads its own from in */
+      for (int i = 0; i < s->n; i++)
+        if (i != s->me || req->redop == MC_PREMUL_SUM) {
+          size_t off = slice_offset(c.len, s->n, i);
+          mc_load_input(req, elem(slot, off, esz), elem(req->in, c.base + off, esz),
+                        slice_count(c.len, s->n, i));
+        }
+    }
+    break;
+  case MC_OP_REDUCE_SCATTER: /* block i of the chunk: rank i's part of the input */
+    for (int i = 0; i < s->n; i++)
+      if (i != s->me || req->redop == MC_PREMUL_SUM)
+        mc_load_input(req, elem(slot, (size_t)i * c.len, esz),
+                      elem(req->in, (size_t)i * req->count + c.base, esz), c.len);
+    break;
+  case MC_OP_ALLGATHER: memcpy(slot, elem(req->in, c.base, esz), c.len * esz); break;
+  case MC_OP_BROADCAST:
+    if (s->me == req->root)
+      memcpy(slot, elem(req->out, c.base, esz), c.len * esz);
+    break;
+  default: break;
+  }
+  s->self->sig[c.t & 1] = req->signature;
+  publish(s, &s->self->arrived, c.t);
+}
+
+/* dst = this rank's contribution, then op= every peer's in rank order. own_slot: this rank's
+ * contribution was staged in its slot (PREMUL_SUM scales it there). */
+static void reduce_from(mc_shm_t *s, mc_request_t *req, void *dst, const void *own,
+                        size_t slot_elem, size_t count, uint64_t t) {
+  size_t esz = mc_dtype_size(req->dtype);
+  if (req->redop == MC_PREMUL_SUM)
+    own = elem(slot_of(s->self_base, s->slot_bytes, t), slot_elem, esz);
+  if (dst != own && count)
+    memcpy(dst, own, count * esz);
+  for (int r = 0; r < s->n; r++)
+    if (r != s->me)
+      mc_reduce_local(dst, elem(slot_of((char *)s->peer[r].base, s->slot_bytes, t), slot_elem, esz),
+                      count, req->dtype, req->redop);
+  if (req->redop == MC_AVG)
+    mc_scale_div(dst, count, req->dtype, s->n);
+}
+
+/* The flat allreduce reduces every slot in rank order, so all ranks compute the same bits. */
+static void reduce_all_slots(mc_shm_t *s, mc_request_t *req, void *dst, size_t count, uint64_t t) {
+  size_t esz = mc_dtype_size(req->dtype);
+  memcpy(dst, slot_of((char *)s->peer[0].base, s->slot_bytes, t), count * esz);
+  for (int r = 1; r < s->n; r++)
+    mc_reduce_local(dst, slot_of((char *)s->peer[r].base, s->slot_bytes, t), count, req->dtype,
+                    req->redop);
+  if (req->redop == MC_AVG)
+    mc_scale_div(dst, count, req->dtype, s->n);
+}
+
+static bool signatures_agree(mc_shm_t *s, mc_request_t *req, uint64_t t) {
+  for (int r = 0; r < s->n; r++) {
+    uint64_t theirs = s->peer[r].hdr->sig[t & 1];
+    if (r != s->me && theirs != req->signature) {
+      char a[96], b[96];
+      mc_describe_signature(theirs, a, sizeof a);
+      mc_describe_signature(req->signature, b, sizeof b);
+      req->mismatch = true;
+      snprintf(req->err, sizeof req->err, "rank %d called %s but this rank called %s", r, a, b);
+      return false;
+    }
+  }
+  return true;
+}
+
+/* PH_ARRIVED: every input of the chunk is in place. Returns the next phase, or PH_START when
+ * the chunk is done. */
+static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
+  size_t esz = mc_dtype_size(req->dtype);
+  switch (req->kind) {
+  case MC_OP_ALLREDUCE:
+    if (req->shm.algo == ALG_FLAT) {
+      reduce_all_slots(s, req, elem(req->out, c.base, esz), c.len, c.t);
+    } else {
+      size_t off = slice_offset(c.len, s->n, s->me), cnt = slice_count(c.len, s->n, s->me);
+      char *dst = elem(req->out, c.base + off, esz);
+      reduce_from(s, req, dst, elem(req->in, c.base + off, esz), off, cnt, c.t);
+      memcpy(elem(red_of(s->self_base, s->slot_bytes, c.t), off, esz), dst, cnt * esz);
+      publish(s, &s->self->reduced, c.t);
+      return PH_REDUCED;
+    }
+    break;
+  case MC_OP_REDUCE_SCATTER:
+    reduce_from(s, req, elem(req->out, c.base, esz),
+                elem(req->in, (size_t)s->me * req->count + c.base, esz), (size_t)s->me * c.len,
+                c.len, c.t);
+    break;
+  case MC_OP_ALLGATHER:
+    for (int r = 0; r < s->n; r++) {
+      char *dst = elem(req->out, (size_t)r * req->count + c.base, esz);
+      const char *src = r == s->me ? elem(req->in, c.base, esz)
+                                   : slot_of((char *)s->peer[r].base, s->slot_bytes, c.t);
+      if (dst != src && c.len)
+        memcpy(dst, src, c.len * esz);
+    }
+    break;
+  case MC_OP_BROADCAST:
+    if (s->me != req->root && c.len)
+      memcpy(elem(req->out, c.base, esz),
+             slot_of((char *)s->peer[req->root].base, s->slot_bytes, c.t), c.len * esz);
+    break;
+  default: break;
+  }
+  publish(s, &s->self->released, c.t);
+  return PH_START;
+}
+
+/* PH_REDUCED (two-phase allreduce): copy the slices the others reduced. */
+static void on_reduced(mc_shm_t *s, mc_request_t *req, chunk_t c) {
+  size_t esz = mc_dtype_size(req->dtype);
+  for (int r = 0; r < s->n; r++) {
+    if (r == s->me)
+      continue;
+    size_t off = slice_offset(c.len, s->n, r);
+    memcpy(elem(req->out, c.base + off, esz),
+           elem(red_of((char *)s->peer[r].base, s->slot_bytes, c.t), off, esz),
+           slice_count(c.len, s->n, r) * esz);
+  }
+  publish(s, &s->self->released, c.t);
+}
+
+static void finish(mc_shm_t *s, mc_request_t *req, uint64_t chunks_used) {
+  s->next_t = req->shm.t0 + chunks_used;
+  mc_comm_t *comm = req->comm;
+  if (req->mismatch) {
+    char msg[MC_ERRLEN];
+    memcpy(msg, req->err, sizeof msg);
+    mc_request_complete(req, MC_ERR_MISMATCH, "rank %d: %s #%u on %s: %s", comm->rank,
+                        mc_op_name(req->kind), req->seq, comm->name, msg);
+  } else
+    mc_request_complete(req, MC_OK, NULL);
+}
+
+/* MC_FAULT injection point before each phase (fault.h): the phase number counts the phases
+ * of the operation, 3 per chunk. "error" breaks the communicator as a failed link would. */
+static bool fault_here(mc_request_t *req) {
+  mc_comm_t *comm = req->comm;
+  char phase[24];
+  snprintf(phase, sizeof phase, "%zu", req->shm.chunk * 3 + (size_t)req->shm.phase);
+  if (!mc_fault_point(comm->members[comm->rank], mc_op_name(req->kind), req->seq, phase))
+    return false;
+  mc_comm_break(comm, MC_ERR_TRANSPORT, "injected transport error (MC_FAULT)");
+  mc_request_complete(req, MC_ERR_TRANSPORT, "rank %d: %s #%u on %s: injected error (MC_FAULT)",
+                      comm->rank, mc_op_name(req->kind), req->seq, comm->name);
+  return true;
+}
+
+/* Runs the request as far as the flags allow; true if it moved. */
+static bool advance(mc_shm_t *s, mc_request_t *req) {
+  bool moved = false;
+  while (!atomic_load(&req->done)) {
+    chunk_t c = current_chunk(s, req);
+    if (!peers_reached(s, req))
+      return moved;
+    moved = true;
+    if (fault_here(req))
+      return true;
+    switch (req->shm.phase) {
+    case PH_START:
+      copy_in(s, req, c);
+      req->shm.phase = PH_ARRIVED;
+      break;
+    case PH_ARRIVED:
+      if (!s->unlinked)
+        unlink_names(s); /* every peer has attached: no name needs to outlive a crash */
+      if (req->shm.chunk == 0 && !signatures_agree(s, req, c.t)) {
+        /* every rank sees a difference; each gives up after this chunk, flags consistent */
+        publish(s, &s->self->reduced, c.t);
+        publish(s, &s->self->released, c.t);
+        finish(s, req, 1);
+        return true;
+      }
+      req->shm.phase = on_arrived(s, req, c);
+      break;
+    case PH_REDUCED:
+      on_reduced(s, req, c);
+      req->shm.phase = PH_START;
+      break;
+    }
+    if (req->shm.phase == PH_START && ++req->shm.chunk == req->shm.chunks)
+      finish(s, req, req->shm.chunks);
+  }
+  return moved;
+}
+
+/* The oldest shm request not yet done: shm operations run one at a time, in order. */
+static mc_request_t *current(mc_comm_t *comm) {
+  for (mc_request_t *req = comm->active_head; req; req = req->next)
+    if (req->on_shm && !atomic_load(&req->done))
+      return req;
+  return NULL;
+}
+
+bool mc_shm_progress(mc_comm_t *comm) {
+  mc_shm_t *s = comm->shm;
+  mc_request_t *req = s ? current(comm) : NULL;
+  if (!req)
+    return false;
+  if (!s->attached) {
+    char err[MC_ERRLEN - 96];
+    mc_status_t st = attach(comm, err, sizeof err);
+    if (st != MC_OK) {
+      char why[MC_ERRLEN];
+      snprintf(why, sizeof why, "rank %d: %s #%u on %s: shared memory: %s", comm->rank,
+               mc_op_name(req->kind), req->seq, comm->name, err);
+      mc_comm_break(comm, st, why);
+      mc_request_complete(req, st, "%s", why);
+      return true;
+    }
+  }
+  if (!req->shm.started)
+    start(s, req);
+  bool moved = advance(s, req);
+  while (atomic_load(&req->done) && (req = current(comm))) { /* the next one may be ready too */
+    if (!req->shm.started)
+      start(s, req);
+    moved |= advance(s, req);
+  }
+  return moved;
+}
+
+bool mc_shm_prepare_sleep(mc_comm_t *comm, int *fd) {
+  mc_shm_t *s = comm->shm;
+  mc_request_t *req = s && s->attached ? current(comm) : NULL;
+  *fd = -1;
+  if (!req || !req->shm.started)
+    return true;
+  atomic_store(&s->self->sleeping, 1);
+  if (peers_reached(s, req)) {
+    atomic_store(&s->self->sleeping, 0);
+    return false;
+  }
+  *fd = s->wake_rd;
+  return true;
+}
+
+void mc_shm_after_sleep(mc_comm_t *comm) {
+  mc_shm_t *s = comm->shm;
+  if (!s)
+    return;
+  atomic_store(&s->self->sleeping, 0);
+  char buf[64];
+  while (read(s->wake_rd, buf, sizeof buf) > 0)
+    ;
+}
+
+void mc_shm_waiting_for(const mc_request_t *req, char *out, size_t len) {
+  const mc_shm_t *s = req->comm->shm;
+  size_t used = snprintf(out, len, "shared-memory flags of rank");
+  if (!s || !req->shm.started || !s->attached) {
+    snprintf(out, len, "shared-memory operations queued before it");
+    return;
+  }
+  uint64_t want = awaited(req);
+  size_t off = flag_offset(req->shm.phase);
+  int listed = 0;
+  for (int r = 0; r < s->n && used + 8 < len; r++)
+    if (r != s->me && flag(s->peer[r].hdr, off) < want)
+      used += snprintf(out + used, len - used, "%s %d", listed++ ? "," : "", r);
+}
