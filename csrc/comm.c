@@ -1,5 +1,7 @@
+#define _GNU_SOURCE
 /* Communicators: rendezvous through the caller's store, transport set-up, the progress
  * thread, and the entry points that validate and queue operations. */
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -145,9 +147,10 @@ static mc_comm_t *comm_new(int rank, int size, int lineage_size, const char *nam
   comm->size = size;
   comm->lineage_size = lineage_size;
   comm->timeout_ms = timeout_ms;
-  comm->wake_fd = -1;
+  comm->wake_fd = comm->kick_timer_fd = -1;
   snprintf(comm->name, sizeof comm->name, "%s", name);
   pthread_mutex_init(&comm->lock, NULL);
+  pthread_mutex_init(&comm->progress_mu, NULL);
   return comm;
 }
 
@@ -161,7 +164,16 @@ static void comm_free(mc_comm_t *comm) {
   if (comm->ctrl)
     mc_ctrl_detach(comm->ctrl, comm);
   pthread_mutex_destroy(&comm->lock);
+  pthread_mutex_destroy(&comm->progress_mu);
   free(comm->members), free(comm->rank_of), free(comm);
+}
+
+static void set_locality(mc_comm_t *comm, bool all_local, int local_ranks) {
+  cpu_set_t cpus;
+  int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+  comm->all_local = all_local;
+  comm->local_ranks = local_ranks;
+  comm->spin_ns = local_ranks <= ncpu ? mc_param_int(MC_PARAM_SPIN_US) * 1000 : 0;
 }
 
 /* The intra-host path, when every rank is on this host and MC_SHM allows it. */
@@ -200,16 +212,19 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
   if ((st = store->set(store->ctx, key, host, strlen(host) + 1)) != MC_OK)
     return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
   bool all_local = true;
+  int local = 0;
   for (int r = 0; r < comm->size; r++) {
     snprintf(key, sizeof key, "mc/host/%d", r);
     if ((st = store_get(comm, store, key, &val, &len)) != MC_OK)
       return st;
     if (len != strlen(host) + 1 || memcmp(val, host, len))
       all_local = false;
+    else
+      local++;
     free(val);
   }
+  set_locality(comm, all_local, local);
 
-  comm->all_local = all_local;
   const char *want = cfg->transport ? cfg->transport : mc_param_str(MC_PARAM_TRANSPORT);
   snprintf(comm->want_provider, sizeof comm->want_provider, "%s", strcmp(want, "auto") ? want : "");
 
@@ -372,6 +387,8 @@ mc_status_t mc_comm_destroy(mc_comm_t *comm) {
   if (!comm)
     return MC_ERR_INVALID;
   mc_progress_stop(comm);
+  while (atomic_load(&comm->waiters)) /* callers spinning in mc_wait: their requests are done */
+    sched_yield();
   release_list(comm->zombies);
   release_list(comm->active_head);
   comm_free(comm); /* the transport normally closed as the progress thread stopped */
@@ -458,7 +475,7 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   free(failed);
   nc->id = comm->id;
   nc->epoch = comm->epoch + 1;
-  nc->all_local = comm->all_local;
+  set_locality(nc, comm->all_local, comm->all_local ? size : comm->local_ranks);
   memcpy(nc->want_provider, comm->want_provider, sizeof nc->want_provider);
   nc->ctrl = comm->ctrl;
   mc_ctrl_attach(nc->ctrl, nc); /* from here a member's failure revokes it */

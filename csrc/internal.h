@@ -43,6 +43,7 @@ typedef enum {
   MC_ALGO_RING,
   MC_ALGO_BINOMIAL,
   MC_ALGO_DISSEMINATION,
+  MC_ALGO_PAIRWISE,
   MC_ALGO_SHM, /* shared memory, the shm path picks the variant by size */
   MC_ALGO_SHM_FLAT,
   MC_ALGO_SHM_TWO_PHASE,
@@ -126,6 +127,10 @@ struct mc_comm {
   int *rank_of;    /* rank of each lineage rank, -1 if not a member */
   int lineage_size;
   bool all_local;
+  int local_ranks; /* ranks on this host */
+  /* MC_SPIN_US, or 0 when this host's ranks outnumber the CPUs this process may use: spinning
+   * then only takes the CPU away from the rank being waited for */
+  int64_t spin_ns;
   char want_provider[32];  /* "" = auto */
   mc_transport_t *standby; /* the endpoint a shrink will use, opened in the background */
   pthread_t standby_thread;
@@ -136,10 +141,17 @@ struct mc_comm {
   struct mc_shm *shm; /* the intra-host path, when every rank is on this host (shm.h) */
 
   pthread_t thread;
+  /* Held by whichever thread runs a progress pass: the progress thread, or a caller of mc_wait
+   * spinning on its request (mc_progress_help). */
+  pthread_mutex_t progress_mu;
+  bool progress_exited; /* under progress_mu */
+  atomic_int waiters;   /* callers inside mc_progress_help's spin; destroy waits for 0 */
   pthread_mutex_t lock; /* guards incoming, stop, broken, sleeping */
   mc_request_t *incoming_head, *incoming_tail;
-  int wake_fd; /* eventfd: new work, abort, stop */
+  int wake_fd;       /* eventfd: abort, stop, a caller handing over */
+  int kick_timer_fd; /* timerfd: new work (mc_progress_enqueue) */
   bool sleeping;
+  bool kick_armed; /* kick_timer_fd set since the progress thread went to sleep */
   bool stop;
   mc_status_t broken; /* MC_OK while usable */
   char broken_msg[MC_ERRLEN];
@@ -173,6 +185,8 @@ mc_status_t mc_progress_start(mc_comm_t *comm);
 void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req);
 void mc_progress_stop(mc_comm_t *comm);
 void mc_progress_kick(mc_comm_t *comm);
+/* A waiting caller runs one progress pass if no other thread is; true if anything moved. */
+bool mc_progress_help(mc_comm_t *comm);
 /* Progress thread: marks the communicator broken (first cause wins) and closes its transport,
  * so no transfer outlives the failure about to be reported. */
 void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why);

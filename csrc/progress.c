@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -23,10 +24,18 @@ void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req) {
   else
     comm->incoming_head = req;
   comm->incoming_tail = req;
-  bool wake = comm->sleeping;
+  /* A sleeping progress thread is woken after the spin time rather than at once: a caller that
+   * waits for the request right away (a blocking operation) runs it itself in that time
+   * (mc_wait), and a second thread waking up would only compete with it. Each new request
+   * pushes the timer back; an asynchronous request starts at most that late (0 when this
+   * host's ranks outnumber its CPUs). */
+  if (comm->sleeping && comm->kick_timer_fd >= 0 && !comm->kick_armed) {
+    comm->kick_armed = true;
+    int64_t ns = comm->spin_ns;
+    struct itimerspec t = {.it_value = {ns / 1000000000, ns % 1000000000 ? ns % 1000000000 : 1}};
+    timerfd_settime(comm->kick_timer_fd, 0, &t, NULL);
+  }
   pthread_mutex_unlock(&comm->lock);
-  if (wake)
-    mc_progress_kick(comm);
 }
 
 static void active_append(mc_comm_t *comm, mc_request_t *req) {
@@ -206,6 +215,7 @@ static bool drain_completions(mc_comm_t *comm) {
   return any;
 }
 
+/* Called with progress_mu held; releases it while blocked. */
 static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
   int fd = -1, backstop_us = 0;
   pthread_mutex_lock(&comm->lock);
@@ -219,7 +229,10 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
   if (shm_asked)
     can_sleep = mc_shm_prepare_sleep(comm, &shm_fd);
   if (can_sleep) {
-    struct pollfd fds[3] = {{comm->wake_fd, POLLIN, 0}, {fd, POLLIN, 0}, {shm_fd, POLLIN, 0}};
+    struct pollfd fds[4] = {{comm->wake_fd, POLLIN, 0},
+                            {fd, POLLIN, 0},
+                            {shm_fd, POLLIN, 0},
+                            {comm->kick_timer_fd, POLLIN, 0}};
     int timeout_ms = -1;
     bool pending = comm->active_head != NULL;
     if (pending && nearest_deadline != INT64_MAX) {
@@ -231,73 +244,115 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
       if (timeout_ms < 0 || b < timeout_ms)
         timeout_ms = b;
     }
-    if (poll(fds, 3, timeout_ms) > 0 && (fds[0].revents & POLLIN)) { /* fd -1: ignored */
+    pthread_mutex_unlock(&comm->progress_mu); /* a waiting caller may progress meanwhile */
+    if (poll(fds, 4, timeout_ms) > 0) {       /* fd -1: ignored */
       uint64_t v;
-      ssize_t r = read(comm->wake_fd, &v, sizeof v);
+      ssize_t r = 0;
+      if (fds[0].revents & POLLIN)
+        r = read(comm->wake_fd, &v, sizeof v);
+      if (fds[3].revents & POLLIN)
+        r = read(comm->kick_timer_fd, &v, sizeof v);
       (void)r;
     }
+    pthread_mutex_lock(&comm->progress_mu);
     if (comm->transport)
       comm->tops->after_sleep(comm->transport);
   }
   if (shm_asked)
     mc_shm_after_sleep(comm);
   pthread_mutex_lock(&comm->lock);
-  comm->sleeping = false;
+  comm->sleeping = comm->kick_armed = false;
   pthread_mutex_unlock(&comm->lock);
+}
+
+/* One pass over the communicator's work: retry posts, start new requests, read completions,
+ * advance shm operations, enforce deadlines. The caller holds progress_mu. */
+static bool progress_pass(mc_comm_t *comm, int64_t *nearest, bool *stop) {
+  pthread_mutex_lock(&comm->lock);
+  *stop = comm->stop;
+  mc_status_t broken = comm->broken;
+  char why[MC_ERRLEN];
+  if (broken != MC_OK)
+    memcpy(why, comm->broken_msg, sizeof why);
+  pthread_mutex_unlock(&comm->lock);
+
+  /* retry older requests first: new ones must not overtake them into the queues */
+  comm->p2p_stalled[0] = comm->p2p_stalled[1] = false;
+  for (mc_request_t *req = comm->active_head; req; req = req->next)
+    mc_sched_repost(req);
+  bool busy = take_incoming(comm);
+  if (broken != MC_OK) {
+    close_transport(comm);
+    fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
+  }
+  busy |= drain_completions(comm);
+  if (broken == MC_OK && comm->shm)
+    busy |= mc_shm_progress(comm);
+  *nearest = check_deadlines(comm, mc_now_ns());
+  reap(comm);
+  return busy;
 }
 
 static void *progress_main(void *arg) {
   mc_comm_t *comm = arg;
-  const int64_t spin_ns = mc_param_int(MC_PARAM_SPIN_US) * 1000;
+  const int64_t spin_ns = comm->spin_ns;
   int64_t idle_since = mc_now_ns();
   for (;;) {
-    pthread_mutex_lock(&comm->lock);
-    bool stop = comm->stop;
-    mc_status_t broken = comm->broken;
-    char why[MC_ERRLEN];
-    if (broken != MC_OK)
-      memcpy(why, comm->broken_msg, sizeof why);
-    pthread_mutex_unlock(&comm->lock);
-
-    /* retry older requests first: new ones must not overtake them into the queues */
-    comm->p2p_stalled[0] = comm->p2p_stalled[1] = false;
-    for (mc_request_t *req = comm->active_head; req; req = req->next)
-      mc_sched_repost(req);
-    bool busy = take_incoming(comm);
-    if (broken != MC_OK) {
-      close_transport(comm);
-      fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
-    }
-    busy |= drain_completions(comm);
-    if (broken == MC_OK && comm->shm)
-      busy |= mc_shm_progress(comm);
-    int64_t now = mc_now_ns();
-    int64_t nearest = check_deadlines(comm, now);
-    reap(comm);
-    if (stop)
+    int64_t nearest;
+    bool stop;
+    pthread_mutex_lock(&comm->progress_mu);
+    bool busy = progress_pass(comm, &nearest, &stop);
+    if (stop) {
+      comm->progress_exited = true;
+      pthread_mutex_unlock(&comm->progress_mu);
       break;
+    }
+    int64_t now = mc_now_ns();
     if (busy) {
       idle_since = now;
-    } else if (now - idle_since >= spin_ns) {
+    } else if (now - idle_since >= spin_ns || atomic_load(&comm->waiters)) {
+      /* a waiting caller drives progress itself (mc_progress_help): no need to spin too */
       sleep_until_work(comm, nearest);
       idle_since = mc_now_ns();
     }
+    pthread_mutex_unlock(&comm->progress_mu);
   }
   return NULL;
 }
 
+bool mc_progress_help(mc_comm_t *comm) {
+  if (pthread_mutex_trylock(&comm->progress_mu))
+    return false; /* another thread is making progress */
+  bool busy = false;
+  if (!comm->progress_exited) {
+    int64_t nearest;
+    bool stop;
+    busy = progress_pass(comm, &nearest, &stop);
+  }
+  pthread_mutex_unlock(&comm->progress_mu);
+  return busy;
+}
+
 mc_status_t mc_progress_start(mc_comm_t *comm) {
   int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (fd < 0)
+  int timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (fd < 0 || timer < 0) {
+    if (fd >= 0)
+      close(fd);
+    if (timer >= 0)
+      close(timer);
     return MC_ERR_INTERNAL;
+  }
   pthread_mutex_lock(&comm->lock); /* the control thread may kick it from now on */
   comm->wake_fd = fd;
+  comm->kick_timer_fd = timer;
   pthread_mutex_unlock(&comm->lock);
   if (pthread_create(&comm->thread, NULL, progress_main, comm)) {
     pthread_mutex_lock(&comm->lock);
-    comm->wake_fd = -1;
+    comm->wake_fd = comm->kick_timer_fd = -1;
     pthread_mutex_unlock(&comm->lock);
     close(fd);
+    close(timer);
     return MC_ERR_INTERNAL;
   }
   return MC_OK;
@@ -315,8 +370,9 @@ void mc_progress_stop(mc_comm_t *comm) {
   mc_progress_kick(comm);
   pthread_join(comm->thread, NULL);
   pthread_mutex_lock(&comm->lock);
-  int fd = comm->wake_fd;
-  comm->wake_fd = -1;
+  int fd = comm->wake_fd, timer = comm->kick_timer_fd;
+  comm->wake_fd = comm->kick_timer_fd = -1;
   pthread_mutex_unlock(&comm->lock);
   close(fd);
+  close(timer);
 }

@@ -1,5 +1,6 @@
 /* Request lifecycle: creation, completion (exactly once), waiting, callbacks, release. */
 #include <errno.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,6 +86,36 @@ mc_status_t mc_request_on_complete(mc_request_t *req, mc_callback_t fn, void *ar
 mc_status_t mc_wait(mc_request_t *req, int timeout_ms) {
   if (!req)
     return MC_ERR_INVALID;
+  if (atomic_load(&req->done))
+    return req->status;
+  /* Spin briefly before blocking, making progress in this thread: two thread wake-ups (to the
+   * progress thread and back) cost more than a short operation. The progress thread stays
+   * asleep while a caller spins; if the operation outlasts the spin it is woken to take over.
+   * The comm is alive while the request is pending (destroy completes every request under its
+   * lock first), and waits for `waiters` to drop before it frees the comm. */
+  mc_comm_t *comm = NULL;
+  pthread_mutex_lock(&req->lock);
+  if (!atomic_load(&req->done) && (comm = req->comm))
+    atomic_fetch_add(&comm->waiters, 1);
+  pthread_mutex_unlock(&req->lock);
+  if (comm) {
+    int64_t now = mc_now_ns(), spin_ns = comm->spin_ns;
+    int64_t limit = timeout_ms >= 0 ? now + timeout_ms * 1000000LL : INT64_MAX;
+    int64_t until = now + spin_ns < limit ? now + spin_ns : limit;
+    while (!atomic_load(&req->done) && (now = mc_now_ns()) < until) {
+      if (mc_progress_help(comm)) /* moving: keep going */
+        until = now + spin_ns < limit ? now + spin_ns : limit;
+      else
+        sched_yield();
+    }
+    if (!atomic_load(&req->done)) { /* the progress thread takes over (and sees new deadlines) */
+      pthread_mutex_lock(&comm->lock);
+      if (comm->wake_fd >= 0)
+        mc_progress_kick(comm);
+      pthread_mutex_unlock(&comm->lock);
+    }
+    atomic_fetch_sub(&comm->waiters, 1);
+  }
   if (atomic_load(&req->done))
     return req->status;
   struct timespec until;

@@ -210,15 +210,27 @@ static mc_status_t attach(mc_comm_t *comm, char *err, size_t errlen) {
 /* ---- which operations, how many chunks ---- */
 
 bool mc_shm_supports(int kind) {
-  return kind == MC_OP_ALLREDUCE || kind == MC_OP_REDUCE_SCATTER || kind == MC_OP_ALLGATHER ||
-         kind == MC_OP_BROADCAST || kind == MC_OP_BARRIER;
+  switch (kind) {
+  case MC_OP_ALLREDUCE:
+  case MC_OP_REDUCE_SCATTER:
+  case MC_OP_ALLGATHER:
+  case MC_OP_BROADCAST:
+  case MC_OP_BARRIER:
+  case MC_OP_REDUCE:
+  case MC_OP_GATHER:
+  case MC_OP_SCATTER:
+  case MC_OP_ALLTOALL: return true;
+  default: return false;
+  }
 }
 
-/* Elements per chunk: what one slot holds (reduce_scatter: n blocks of it). */
+/* Elements per chunk: what one slot holds; for the kinds whose slot holds a piece for every
+ * rank, a 1/n of that. */
 static size_t chunk_elems(const mc_shm_t *s, const mc_request_t *req) {
   size_t esz = mc_dtype_size(req->dtype);
   size_t per = s->slot_bytes / esz;
-  if (req->kind == MC_OP_REDUCE_SCATTER)
+  if (req->kind == MC_OP_REDUCE_SCATTER || req->kind == MC_OP_ALLTOALL ||
+      req->kind == MC_OP_SCATTER)
     per /= (size_t)s->n;
   return per ? per : 1;
 }
@@ -326,6 +338,18 @@ static void copy_in(mc_shm_t *s, mc_request_t *req, chunk_t c) {
                       elem(req->in, (size_t)i * req->count + c.base, esz), c.len);
     break;
   case MC_OP_ALLGATHER: memcpy(slot, elem(req->in, c.base, esz), c.len * esz); break;
+  case MC_OP_REDUCE: mc_load_input(req, slot, elem(req->in, c.base, esz), c.len); break;
+  case MC_OP_GATHER:
+    if (s->me != req->root)
+      memcpy(slot, elem(req->in, c.base, esz), c.len * esz);
+    break;
+  case MC_OP_SCATTER:
+  case MC_OP_ALLTOALL: /* block i of the chunk: what rank i gets */
+    for (int i = 0; i < s->n; i++)
+      if (i != s->me && (req->kind == MC_OP_ALLTOALL || s->me == req->root))
+        memcpy(elem(slot, (size_t)i * c.len, esz),
+               elem(req->in, (size_t)i * req->count + c.base, esz), c.len * esz);
+    break;
   case MC_OP_BROADCAST:
     if (s->me == req->root)
       memcpy(slot, elem(req->out, c.base, esz), c.len * esz);
@@ -414,6 +438,38 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
     if (s->me != req->root && c.len)
       memcpy(elem(req->out, c.base, esz),
              slot_of((char *)s->peer[req->root].base, s->slot_bytes, c.t), c.len * esz);
+    break;
+  case MC_OP_REDUCE:
+    if (s->me == req->root)
+      reduce_all_slots(s, req, elem(req->out, c.base, esz), c.len, c.t);
+    break;
+  case MC_OP_GATHER:
+    for (int r = 0; s->me == req->root && r < s->n; r++) {
+      char *dst = elem(req->out, (size_t)r * req->count + c.base, esz);
+      const char *src = r == s->me ? elem(req->in, c.base, esz)
+                                   : slot_of((char *)s->peer[r].base, s->slot_bytes, c.t);
+      if (dst != src && c.len)
+        memcpy(dst, src, c.len * esz);
+    }
+    break;
+  case MC_OP_SCATTER: {
+    const char *src = s->me == req->root
+                          ? elem(req->in, (size_t)s->me * req->count + c.base, esz)
+                          : elem(slot_of((char *)s->peer[req->root].base, s->slot_bytes, c.t),
+                                 (size_t)s->me * c.len, esz);
+    if (elem(req->out, c.base, esz) != src && c.len)
+      memcpy(elem(req->out, c.base, esz), src, c.len * esz);
+    break;
+  }
+  case MC_OP_ALLTOALL:
+    for (int r = 0; r < s->n; r++) {
+      char *dst = elem(req->out, (size_t)r * req->count + c.base, esz);
+      const char *src = r == s->me ? elem(req->in, (size_t)r * req->count + c.base, esz)
+                                   : elem(slot_of((char *)s->peer[r].base, s->slot_bytes, c.t),
+                                          (size_t)s->me * c.len, esz);
+      if (dst != src && c.len)
+        memcpy(dst, src, c.len * esz);
+    }
     break;
   default: break;
   }

@@ -22,6 +22,7 @@ static const struct {
     {"ring", MC_ALGO_RING},
     {"binomial", MC_ALGO_BINOMIAL},
     {"dissemination", MC_ALGO_DISSEMINATION},
+    {"pairwise", MC_ALGO_PAIRWISE},
     {"shm", MC_ALGO_SHM},
     {"shm_flat", MC_ALGO_SHM_FLAT},
     {"shm_two_phase", MC_ALGO_SHM_TWO_PHASE},
@@ -36,13 +37,17 @@ static bool offers(mc_op_kind_t kind, mc_algo_t a) {
   case MC_OP_ALLGATHER: return a == MC_ALGO_SHM || a == MC_ALGO_RING;
   case MC_OP_BROADCAST: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL;
   case MC_OP_BARRIER: return a == MC_ALGO_SHM || a == MC_ALGO_DISSEMINATION;
-  case MC_OP_REDUCE: return a == MC_ALGO_BINOMIAL || a == MC_ALGO_RING;
+  case MC_OP_REDUCE: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL || a == MC_ALGO_RING;
+  case MC_OP_GATHER:
+  case MC_OP_SCATTER: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL;
+  case MC_OP_ALLTOALL: return a == MC_ALGO_SHM || a == MC_ALGO_PAIRWISE;
   default: return false;
   }
 }
 
 static const mc_op_kind_t rule_ops[] = {MC_OP_ALLREDUCE, MC_OP_REDUCE_SCATTER, MC_OP_ALLGATHER,
-                                        MC_OP_BROADCAST, MC_OP_BARRIER,        MC_OP_REDUCE};
+                                        MC_OP_BROADCAST, MC_OP_BARRIER,        MC_OP_REDUCE,
+                                        MC_OP_GATHER,    MC_OP_SCATTER,        MC_OP_ALLTOALL};
 
 typedef struct {
   mc_op_kind_t kind;
