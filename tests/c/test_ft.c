@@ -368,7 +368,10 @@ static int scenario_revoke_exclude(mc_comm_t *comm, void *arg) {
   } else {
     CHECK(mc_recv(comm, buf, 8, MC_UINT8, 1, 3, &req) == MC_OK, "%s", mc_last_error());
     mc_status_t st = mc_wait(req, 20000);
-    CHECK(st == MC_ERR_REVOKED && strstr(mc_request_error(req), "revoked"),
+    /* rank 1's exclusion of the outcast can overtake its revoke when another rank forwards
+     * it first (separate connections): either cause fails the receive */
+    CHECK((st == MC_ERR_REVOKED && strstr(mc_request_error(req), "revoked")) ||
+              (st == MC_ERR_PEER_FAILED && strstr(mc_request_error(req), "excluded")),
           "rank %d: recv after revoke: %s %s", me, status(st), mc_request_error(req));
     mc_request_free(req);
   }
