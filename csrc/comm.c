@@ -307,6 +307,7 @@ static mc_status_t connect_all(mc_comm_t *comm) {
   comm->coll_seq--;
   pthread_mutex_unlock(&comm->lock);
   st = mc_wait(barrier, comm->timeout_ms);
+  mc_shm_unlink(comm); /* done by the barrier if it succeeded; if not, the comm is broken */
   if (st != MC_OK)
     fail(st, "rank %d: creating communicator %s: attaching shared memory failed: %s", comm->rank,
          comm->name, st == MC_ERR_TIMEOUT ? "timed out" : mc_request_error(barrier));

@@ -17,6 +17,8 @@ typedef struct mc_shm mc_shm_t;
  * Peers attach at the first operation; the names are removed once every peer has attached. */
 mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen);
 void mc_shm_destroy(mc_comm_t *comm);
+/* Removes this rank's names now (peers that have not attached yet never will). */
+void mc_shm_unlink(mc_comm_t *comm);
 
 /* Operations the shm path runs (the algorithm choice, coll/select.c, decides which do). */
 bool mc_shm_supports(int kind);

@@ -154,6 +154,11 @@ static void unlink_names(mc_shm_t *s) {
   unlink(s->wake_path);
 }
 
+void mc_shm_unlink(mc_comm_t *comm) {
+  if (comm->shm)
+    unlink_names(comm->shm);
+}
+
 void mc_shm_destroy(mc_comm_t *comm) {
   mc_shm_t *s = comm->shm;
   if (!s)
