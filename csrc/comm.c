@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 /* Communicators: rendezvous through the caller's store, transport set-up, the progress
  * thread, and the entry points that validate and queue operations. */
+#include <poll.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -107,23 +108,151 @@ static mc_status_t open_transport(mc_comm_t *comm) {
   return MC_OK;
 }
 
+/* Tag of the pre-connection messages: bit 63, which no tag of the engine sets (mc_tag). */
+#define WARM_TAG (1ULL << 60)
+
+/* Connects a standby endpoint to the other members' standbys ahead of need, so that a shrink
+ * does not wait for rxm's connection set-up (tens of ms per connection on a loaded host): the
+ * members swap standby addresses over the control plane, then each sends an empty message to
+ * every lower rank and receives one from every higher rank (connections are opened from one
+ * side only, as in connect_all). Members that fail meanwhile are skipped. Returns false if a
+ * transfer is left in the endpoint (it is then unusable). */
+static int warm_peer(const mc_transport_ctx_t *ctx, int n, const mc_completion_t *c) {
+  ptrdiff_t r = c->ctx ? (const mc_transport_ctx_t *)c->ctx - ctx : -1;
+  return r >= 0 && r < n ? (int)r : -1;
+}
+
+static bool warm_standby(mc_comm_t *comm, mc_transport_t *t) {
+  const mc_transport_ops_t *ops = &mc_ofi_transport;
+  const int n = comm->size, me = comm->rank;
+  char addr[256];
+  size_t alen = sizeof addr;
+  void **addrs = calloc(n, sizeof *addrs);
+  size_t *lens = calloc(n, sizeof *lens);
+  mc_transport_ctx_t *ctx = calloc(n, sizeof *ctx);
+  bool *pending = calloc(n, sizeof *pending), *unsent = calloc(n, sizeof *unsent);
+  bool clean = true;
+  /* only connection-oriented providers need it (all members run the same one) */
+  bool want = t && addrs && lens && ctx && pending && unsent && strstr(ops->provider(t), "rxm") &&
+              ops->get_address(t, addr, &alen) == MC_OK;
+  if (!want) { /* tell the others not to wait for this rank */
+    mc_ctrl_standby_exchange(comm->ctrl, comm->epoch + 1, comm->members, n, NULL, 0,
+                             &comm->standby_stop, 0, NULL, NULL);
+    goto out;
+  }
+  if (mc_ctrl_standby_exchange(comm->ctrl, comm->epoch + 1, comm->members, n, addr, alen,
+                               &comm->standby_stop, comm->timeout_ms, addrs, lens) != MC_OK)
+    goto out;
+  for (int r = 0; r < n; r++)
+    if (!addrs[r] && (addrs[r] = malloc(alen))) { /* this rank, or failed: never addressed */
+      memcpy(addrs[r], addr, alen);
+      lens[r] = alen;
+    }
+  if (ops->set_peers(t, addrs, lens, n) != MC_OK)
+    goto out;
+  /* pending: posted, no completion yet; unsent: a send rxm refused for now (EAGAIN while it
+   * connects), posted again on the next pass */
+  int left = 0;
+  for (int r = 0; r < n; r++) {
+    if (r == me || mc_ctrl_is_failed(comm->ctrl, comm->members[r]))
+      continue;
+    unsent[r] = r < me;
+    pending[r] = r > me && ops->recv(t, -1, NULL, 0, WARM_TAG | (uint64_t)r, &ctx[r]) == MC_OK;
+    left += unsent[r] || pending[r];
+  }
+  const int64_t deadline = mc_now_ns() + (int64_t)10000 * 1000000;
+  while (left > 0) {
+    for (int r = 0; r < n; r++)
+      if (unsent[r]) {
+        mc_status_t st = ops->send(t, r, NULL, 0, WARM_TAG | (uint64_t)me, 0, &ctx[r]);
+        if (st != MC_ERR_TIMEOUT)
+          unsent[r] = false, pending[r] = st == MC_OK, left -= st != MC_OK;
+      }
+    mc_completion_t comps[32];
+    int got = ops->poll(t, comps, 32);
+    for (int i = 0; i < got; i++) {
+      int r = warm_peer(ctx, n, &comps[i]);
+      if (r >= 0 && pending[r])
+        pending[r] = false, left--;
+    }
+    if (got > 0)
+      continue;
+    /* a receive from a member that failed is cancelled (at once, unless already matched); a
+     * send to one may stay in the endpoint: if that is all that is left, stop */
+    bool stop = atomic_load(&comm->standby_stop) || mc_now_ns() > deadline, live = false;
+    for (int r = 0; r < n; r++) {
+      if (!pending[r] && !unsent[r])
+        continue;
+      bool dead = stop || mc_ctrl_is_failed(comm->ctrl, comm->members[r]);
+      if (dead && unsent[r])
+        unsent[r] = false, left--;
+      else if (dead && r > me)
+        ops->cancel(t, &ctx[r]);
+      live |= !dead;
+    }
+    if (!live) {
+      while ((got = ops->poll(t, comps, 32)) > 0)
+        for (int i = 0; i < got; i++) {
+          int r = warm_peer(ctx, n, &comps[i]);
+          if (r >= 0 && pending[r])
+            pending[r] = false, left--;
+        }
+      clean = left == 0;
+      break;
+    }
+    /* rxm accepts connections in its progress, which its CQ fd does not signal: sleep on the
+     * fd for at most the transport's backstop (1 ms), also when fi_trywait says events are
+     * pending (rxm says so while it connects; looping at once would spin) */
+    int fd = -1, backstop_us = 0;
+    bool can = ops->prepare_sleep(t, &fd, &backstop_us);
+    struct pollfd p = {fd, POLLIN, 0};
+    poll(&p, can && fd >= 0 ? 1 : 0, backstop_us > 1000 ? backstop_us / 1000 : 1);
+    if (can)
+      ops->after_sleep(t);
+  }
+out:
+  for (int r = 0; addrs && r < n; r++)
+    free(addrs[r]);
+  free(addrs), free(lens), free(ctx), free(pending), free(unsent);
+  return clean;
+}
+
 /* Opening an endpoint takes tens of ms in libfabric 1.17 (fi_enable), too slow for a shrink:
- * each communicator opens the endpoint of its successor in the background, ahead of need. */
+ * each communicator opens the endpoint of its successor in the background, ahead of need, and
+ * connects it to the other members' (warm_standby). */
 static void *open_standby(void *arg) {
   mc_comm_t *comm = arg;
   char err[160];
-  if (open_endpoint(comm, comm->epoch + 1, &comm->standby, err, sizeof err) != MC_OK)
-    comm->standby = NULL; /* shrink opens one itself */
+  mc_transport_t *t = NULL;
+  if (open_endpoint(comm, comm->epoch + 1, &t, err, sizeof err) != MC_OK)
+    t = NULL; /* shrink opens one itself */
+  if (comm->size > 1 && !warm_standby(comm, t) && t) {
+    mc_ofi_transport.close(t);
+    t = NULL;
+  }
+  comm->standby = t;
+  atomic_store(&comm->standby_ready, true);
   return NULL;
 }
 
+bool mc_comm_standby_ready(mc_comm_t *comm) { return atomic_load(&comm->standby_ready); }
+
 static void start_standby(mc_comm_t *comm) {
+  atomic_store(&comm->standby_stop, false);
+  atomic_store(&comm->standby_ready, false);
   comm->standby_running = pthread_create(&comm->standby_thread, NULL, open_standby, comm) == 0;
 }
 
-static mc_transport_t *take_standby(mc_comm_t *comm) {
-  if (comm->standby_running)
+/* The standby endpoint, once its thread is done. A shrink waits for the pre-connection to
+ * finish (failed members are skipped); destroy stops it. */
+static mc_transport_t *take_standby(mc_comm_t *comm, bool stop) {
+  if (comm->standby_running) {
+    if (stop) {
+      atomic_store(&comm->standby_stop, true);
+      mc_ctrl_kick(comm->ctrl);
+    }
     pthread_join(comm->standby_thread, NULL);
+  }
   comm->standby_running = false;
   mc_transport_t *t = comm->standby;
   comm->standby = NULL;
@@ -155,7 +284,7 @@ static mc_comm_t *comm_new(int rank, int size, int lineage_size, const char *nam
 }
 
 static void comm_free(mc_comm_t *comm) {
-  mc_transport_t *standby = take_standby(comm);
+  mc_transport_t *standby = take_standby(comm, true);
   if (standby)
     mc_ofi_transport.close(standby);
   if (comm->transport)
@@ -486,7 +615,7 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   size_t alen = sizeof addr;
   void **addrs = calloc(size, sizeof *addrs);
   size_t *lens = calloc(size, sizeof *lens);
-  mc_transport_t *standby = take_standby(comm);
+  mc_transport_t *standby = take_standby(comm, false);
   if (standby)
     use_transport(nc, standby);
   st = !addrs || !lens ? MC_ERR_NOMEM : standby ? MC_OK : open_transport(nc);
@@ -525,7 +654,8 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   connect_all(nc);
   start_standby(nc);
   MC_LOG(MC_LOG_INFO, nc->rank,
-         "communicator %s: shrunk from %d to %d ranks in %.1f ms (agreement %.1f, addresses "
+         "communicator %s: shrunk from %d to %d ranks in %.1f ms (agreement %.1f, standby and "
+         "addresses "
          "%.1f, connections %.1f), epoch %u",
          nc->name, comm->size, size, (mc_now_ns() - t0) / 1e6, (t_agreed - t0) / 1e6,
          (t_exchanged - t_agreed) / 1e6, (mc_now_ns() - t_exchanged) / 1e6, nc->epoch);

@@ -37,6 +37,7 @@ enum {
   MSG_ACCEPTED, /* ballot */
   MSG_COMMIT,   /* value */
   MSG_ADDR,     /* transport address for the communicator of this epoch */
+  MSG_STANDBY,  /* standby endpoint address for this epoch, to connect ahead of need (or none) */
 };
 
 typedef struct {
@@ -86,6 +87,8 @@ typedef struct epoch_state {
   uint64_t *best_value;
   void **addr;
   size_t *addr_len;
+  void **standby; /* MSG_STANDBY: a copy, length standby_len (0: the member has none) */
+  size_t *standby_len;
 } epoch_state_t;
 
 typedef struct attached {
@@ -236,10 +239,12 @@ static epoch_state_t *epoch_get(mc_ctrl_t *c, uint32_t epoch) {
   e->best_value = calloc(1, bytes);
   e->addr = calloc(c->size, sizeof *e->addr);
   e->addr_len = calloc(c->size, sizeof *e->addr_len);
+  e->standby = calloc(c->size, sizeof *e->standby);
+  e->standby_len = calloc(c->size, sizeof *e->standby_len);
   if (!e->acc_value || !e->value || !e->members || !e->replied || !e->best_value || !e->addr ||
-      !e->addr_len) {
+      !e->addr_len || !e->standby || !e->standby_len) {
     free(e->acc_value), free(e->value), free(e->members), free(e->replied), free(e->best_value);
-    free(e->addr), free(e->addr_len), free(e);
+    free(e->addr), free(e->addr_len), free(e->standby), free(e->standby_len), free(e);
     return NULL;
   }
   e->next = c->epochs;
@@ -249,9 +254,9 @@ static epoch_state_t *epoch_get(mc_ctrl_t *c, uint32_t epoch) {
 
 static void epoch_free(mc_ctrl_t *c, epoch_state_t *e) {
   for (int r = 0; r < c->size; r++)
-    free(e->addr[r]);
+    free(e->addr[r]), free(e->standby[r]);
   free(e->acc_value), free(e->value), free(e->members), free(e->replied), free(e->best_value);
-  free(e->addr), free(e->addr_len), free(e);
+  free(e->addr), free(e->addr_len), free(e->standby), free(e->standby_len), free(e);
 }
 
 /* Forget epochs older than any this rank can still be asked about. */
@@ -496,6 +501,18 @@ static void on_frame(mc_ctrl_t *c, int from, const frame_hdr_t *h, const char *p
       free(e->addr[from]);
       e->addr[from] = copy;
       e->addr_len[from] = h->len;
+      pthread_cond_broadcast(&c->cond);
+    }
+    break;
+  }
+  case MSG_STANDBY: {
+    epoch_state_t *e = epoch_get(c, h->epoch);
+    char *copy = e ? malloc(h->len + 1) : NULL;
+    if (copy) {
+      memcpy(copy, payload, h->len);
+      free(e->standby[from]);
+      e->standby[from] = copy;
+      e->standby_len[from] = h->len;
       pthread_cond_broadcast(&c->cond);
     }
     break;
@@ -1078,4 +1095,61 @@ void mc_ctrl_withdraw(mc_ctrl_t *c, uint32_t epoch, const int *members, int n) {
     if (members[i] != c->rank)
       send_frame(c, members[i], MSG_ADDR, epoch, NULL, 0, NULL, 0);
   pthread_mutex_unlock(&c->lock);
+}
+
+void mc_ctrl_kick(mc_ctrl_t *c) {
+  pthread_mutex_lock(&c->lock);
+  pthread_cond_broadcast(&c->cond);
+  pthread_mutex_unlock(&c->lock);
+}
+
+mc_status_t mc_ctrl_standby_exchange(mc_ctrl_t *c, uint32_t epoch, const int *members, int n,
+                                     const void *addr, size_t len, const atomic_bool *stop,
+                                     int timeout_ms, void **addrs, size_t *lens) {
+  struct timespec ts;
+  deadline_ts(&ts, timeout_ms);
+  mc_status_t st = MC_OK;
+  pthread_mutex_lock(&c->lock);
+  epoch_state_t *e = epoch_get(c, epoch);
+  if (!e) {
+    pthread_mutex_unlock(&c->lock);
+    return MC_ERR_NOMEM;
+  }
+  for (int i = 0; i < n; i++)
+    if (members[i] != c->rank)
+      send_frame(c, members[i], MSG_STANDBY, epoch, addr, len, NULL, 0);
+  if (!addr) {
+    pthread_mutex_unlock(&c->lock);
+    return MC_ERR_UNSUPPORTED;
+  }
+  for (;;) {
+    bool missing = false;
+    for (int i = 0; i < n && !missing; i++) {
+      int r = members[i];
+      missing = r != c->rank && !e->standby[r] && !c->peers[r].failed;
+    }
+    if (!missing)
+      break;
+    if (atomic_load(stop) || c->excluded ||
+        pthread_cond_timedwait(&c->cond, &c->lock, &ts) == ETIMEDOUT) {
+      st = MC_ERR_TIMEOUT;
+      break;
+    }
+  }
+  for (int i = 0; i < n; i++) {
+    int r = members[i];
+    addrs[i] = NULL, lens[i] = 0;
+    if (st != MC_OK || r == c->rank || c->peers[r].failed || !e->standby[r])
+      continue;
+    if (!e->standby_len[r]) {
+      st = MC_ERR_UNSUPPORTED; /* a member has no standby: nobody pre-connects */
+      continue;
+    }
+    if ((addrs[i] = malloc(e->standby_len[r])) != NULL) {
+      memcpy(addrs[i], e->standby[r], e->standby_len[r]);
+      lens[i] = e->standby_len[r];
+    }
+  }
+  pthread_mutex_unlock(&c->lock);
+  return st;
 }

@@ -13,6 +13,7 @@
 
 #include "mooncake/mooncake.h"
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -53,5 +54,16 @@ mc_status_t mc_ctrl_exchange(mc_ctrl_t *c, uint32_t epoch, const int *members, i
 /* Tells the members that this rank will not join the communicator at `epoch` after all (its
  * shrink failed locally): they stop waiting for its address and treat it as failed. */
 void mc_ctrl_withdraw(mc_ctrl_t *c, uint32_t epoch, const int *members, int n);
+
+/* Pre-connection of standby endpoints (comm.c): sends this rank's standby address for `epoch`
+ * to the members (NULL: it has none, and the call returns at once) and waits until every member
+ * not known failed has sent its own, *stop is set (then mc_ctrl_kick), or timeout_ms passes.
+ * addrs[i] gets a malloc'd copy (NULL for this rank and failed members). MC_OK only if every
+ * live member has one. */
+mc_status_t mc_ctrl_standby_exchange(mc_ctrl_t *c, uint32_t epoch, const int *members, int n,
+                                     const void *addr, size_t len, const atomic_bool *stop,
+                                     int timeout_ms, void **addrs, size_t *lens);
+/* Wakes the threads waiting in the calls above (to see a stop flag). */
+void mc_ctrl_kick(mc_ctrl_t *c);
 
 #endif

@@ -135,6 +135,8 @@ struct mc_comm {
   mc_transport_t *standby; /* the endpoint a shrink will use, opened in the background */
   pthread_t standby_thread;
   bool standby_running;
+  atomic_bool standby_stop;  /* the standby thread stops connecting it (destroy) */
+  atomic_bool standby_ready; /* the standby thread is done (tests and benchmarks wait for it) */
   const mc_transport_ops_t *tops;
   mc_transport_t *transport;
   char provider[32];
@@ -179,6 +181,7 @@ void mc_request_complete(mc_request_t *req, mc_status_t st, const char *fmt, ...
     __attribute__((format(printf, 3, 4)));
 void mc_request_release(mc_request_t *req);
 int64_t mc_now_ns(void);
+bool mc_comm_standby_ready(mc_comm_t *comm);
 
 /* progress (progress.c) */
 mc_status_t mc_progress_start(mc_comm_t *comm);

@@ -70,6 +70,20 @@ static bool xfers_in_flight(const mc_request_t *req) {
   return false;
 }
 
+/* Zombies whose transfers all completed. */
+static void release_zombies_done(mc_comm_t *comm) {
+  mc_request_t **link = &comm->zombies;
+  while (*link) {
+    mc_request_t *req = *link;
+    if (xfers_in_flight(req)) {
+      link = &req->next;
+    } else {
+      *link = req->next;
+      mc_request_release(req);
+    }
+  }
+}
+
 static void release_zombies(mc_comm_t *comm) {
   while (comm->zombies) {
     mc_request_t *req = comm->zombies;
@@ -92,6 +106,44 @@ static void close_transport(mc_comm_t *comm) {
   release_zombies(comm);
 }
 
+static bool any_in_flight(const mc_comm_t *comm) {
+  for (const mc_request_t *req = comm->active_head; req; req = req->next)
+    if (xfers_in_flight(req))
+      return true;
+  return comm->zombies != NULL;
+}
+
+/* A broken communicator stops using its transport. Closing it is what stops the provider for
+ * good, but fi_close of an rxm endpoint costs 10-20 ms of CPU (more under load), and failure
+ * reports would wait for it. So the transfers are settled first: posted receives are cancelled
+ * (a cancelled operation completes with FI_ECANCELED; rxm does it at once for a receive not
+ * yet matched) and the completion queue is read to its end. A transfer that has its
+ * completion is out of the provider's hands (the completion contract). If something is still
+ * in flight (a send not yet complete, a receive already being filled) the transport is closed
+ * here, before any report; otherwise the progress loop reports the failures and closes the
+ * idle transport after that. */
+static void quiesce(mc_comm_t *comm) {
+  if (!comm->transport)
+    return;
+  mc_request_t *lists[2] = {comm->active_head, comm->zombies};
+  for (int l = 0; l < 2; l++)
+    for (mc_request_t *req = lists[l]; req; req = req->next)
+      for (int i = 0; i < req->nxfers; i++) {
+        mc_xfer_t *x = &req->xfers[i];
+        if (x->posted && !x->done && !x->is_send)
+          comm->tops->cancel(comm->transport, &x->tctx);
+      }
+  mc_completion_t comps[32];
+  int n;
+  while ((n = comm->tops->poll(comm->transport, comps, 32)) > 0)
+    for (int i = 0; i < n; i++)
+      if (comps[i].ctx) /* the request fails anyway: no schedule runs on */
+        ((mc_xfer_t *)comps[i].ctx)->done = true;
+  release_zombies_done(comm);
+  if (any_in_flight(comm))
+    close_transport(comm);
+}
+
 void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why) {
   pthread_mutex_lock(&comm->lock);
   bool first = comm->broken == MC_OK;
@@ -100,7 +152,7 @@ void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why) {
     snprintf(comm->broken_msg, sizeof comm->broken_msg, "%s", why);
   }
   pthread_mutex_unlock(&comm->lock);
-  close_transport(comm);
+  quiesce(comm);
   if (first && comm->ctrl) /* the peers' pending operations fail now, not at their timeout */
     mc_ctrl_revoke(comm->ctrl, comm->epoch, why);
 }
@@ -140,16 +192,7 @@ static void reap(mc_comm_t *comm) {
       mc_request_release(req);
     }
   }
-  link = &comm->zombies;
-  while (*link) {
-    mc_request_t *req = *link;
-    if (xfers_in_flight(req)) {
-      link = &req->next;
-    } else {
-      *link = req->next;
-      mc_request_release(req);
-    }
-  }
+  release_zombies_done(comm);
 }
 
 /* Names the peers a request still waits for, e.g. "1, 3". */
@@ -282,8 +325,9 @@ static bool progress_pass(mc_comm_t *comm, int64_t *nearest, bool *stop) {
     mc_sched_repost(req);
   bool busy = take_incoming(comm);
   if (broken != MC_OK) {
-    close_transport(comm);
+    quiesce(comm); /* again: transfers may have been posted since the break */
     fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
+    close_transport(comm); /* after the reports: nothing in flight touches their buffers */
   }
   busy |= drain_completions(comm);
   if (broken == MC_OK && comm->shm)

@@ -37,7 +37,8 @@ typedef struct {
                       size_t errlen);
   const char *(*provider)(mc_transport_t *t);
   mc_status_t (*get_address)(mc_transport_t *t, void *buf, size_t *len);
-  /* addresses of all ranks, in rank order (own included) */
+  /* addresses of all ranks, in rank order (own included); may be called again with a new
+   * order (a shrink re-addresses its standby endpoint, pre-connected in the old order) */
   mc_status_t (*set_peers)(mc_transport_t *t, void *const *addrs, const size_t *lens, int n);
   /* MC_ERR_TIMEOUT here means "try again later" (queue full) */
   mc_status_t (*send)(mc_transport_t *t, int peer, const void *buf, size_t len, uint64_t tag,

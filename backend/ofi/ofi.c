@@ -184,6 +184,9 @@ static mc_status_t ofi_get_address(mc_transport_t *t, void *buf, size_t *len) {
 }
 
 static mc_status_t ofi_set_peers(mc_transport_t *t, void *const *addrs, const size_t *lens, int n) {
+  /* again for a shrink's standby, connected ahead in its old order: the AV gives an address
+   * already inserted its old fi_addr back, so rxm's connection to it is reused */
+  free(t->peers), free(t->peer_keys);
   t->peers = calloc(n, sizeof *t->peers);
   t->peer_keys = calloc(n, sizeof *t->peer_keys);
   if (!t->peers || !t->peer_keys)
