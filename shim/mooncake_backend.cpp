@@ -304,6 +304,9 @@ void Completer::push(uint64_t seq, c10::intrusive_ptr<MooncakeWork> work) {
         continue;
       }
       w->released_ = true;
+      if (w->waited_) {
+        continue; // its waiter completes it: no thread wake-up on the way
+      }
       if (stopping_) {
         inline_.push_back(std::move(w)); // no threads any more
       } else {
@@ -324,14 +327,32 @@ void Completer::push(uint64_t seq, c10::intrusive_ptr<MooncakeWork> work) {
   }
 }
 
-bool Completer::waitReleased(uint64_t seq, std::chrono::milliseconds timeout) {
+bool Completer::waitReleased(uint64_t seq, std::chrono::milliseconds timeout,
+                             MooncakeWork *waiter) {
   std::unique_lock<std::mutex> lk(mu_);
   auto done = [&] { return next_ > seq; };
   if (timeout.count() < 0) {
     releasedCv_.wait(lk, done);
     return true;
   }
-  return releasedCv_.wait_for(lk, timeout, done);
+  if (releasedCv_.wait_for(lk, timeout, done)) {
+    return true;
+  }
+  waiter->waited_ = false; // gives up: the completer completes it once released
+  return false;
+}
+
+bool Completer::unmarkWaited(MooncakeWork *work) {
+  std::lock_guard<std::mutex> g(mu_);
+  work->waited_ = false;
+  return work->released_;
+}
+
+void Completer::markWaited(MooncakeWork *work) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!work->released_) {
+    work->waited_ = true;
+  }
 }
 
 void Completer::run() {
@@ -478,9 +499,13 @@ bool MooncakeWork::wait(std::chrono::milliseconds timeout) {
   if (!isCompleted()) {
     // kNoTimeout (0): bounded by the operation's own deadline (the communicator timeout).
     const auto start = std::chrono::steady_clock::now();
+    completer_->markWaited(this); // this thread completes it: no completer wake-up per op
     mc_wait(req_, timeout == kNoTimeout ? -1 : toMs(timeout));
     int done = 0;
     mc_test(req_, &done);
+    if (!done && completer_->unmarkWaited(this)) {
+      done = 1; // released while this thread was giving up: complete it here
+    }
     if (done) {
       // Complete once every earlier work is: they end by their own deadlines too.
       auto left = std::chrono::milliseconds(-1);
@@ -489,7 +514,7 @@ bool MooncakeWork::wait(std::chrono::milliseconds timeout) {
                         timeout - std::chrono::duration_cast<std::chrono::milliseconds>(
                                       std::chrono::steady_clock::now() - start));
       }
-      done = completer_->waitReleased(seq_, left) ? 1 : 0;
+      done = completer_->waitReleased(seq_, left, this) ? 1 : 0;
     }
     if (!done) {
       C10_THROW_ERROR(DistBackendError, what_ + ": wait timed out after " +

@@ -42,7 +42,12 @@ public:
   // Work number `seq` finished in the engine (`work` null: a number never to be completed).
   void push(uint64_t seq, c10::intrusive_ptr<MooncakeWork> work);
   // Waits until works 0..seq are all released; false on timeout (negative: no limit).
-  bool waitReleased(uint64_t seq, std::chrono::milliseconds timeout);
+  // Waits until work `seq` is released. While `waiter` waits here, releasing it leaves its
+  // completion to the waiter (no completer thread is woken for it); on timeout it is the
+  // completer's again.
+  bool waitReleased(uint64_t seq, std::chrono::milliseconds timeout, MooncakeWork *waiter);
+  void markWaited(MooncakeWork *work);   // before waiting: see waitReleased
+  bool unmarkWaited(MooncakeWork *work); // giving up; true if released meanwhile
   // Completes what is queued, then stops the threads. Safe to call from a completer thread.
   void stop();
   static bool onCompleterThread();
@@ -103,6 +108,7 @@ private:
   uint64_t seq_ = 0;                  // issue order on its backend
   bool nested_ = false;               // issued from a completion callback
   std::atomic<bool> released_{false}; // it and every earlier work finished (set by Completer)
+  bool waited_ = false; // a thread in wait() completes it once released (under Completer::mu_)
 };
 
 class MooncakeBackend : public c10d::Backend {
