@@ -14,10 +14,19 @@ MIN_CHECKS = {"allreduce": 190, "reduce_scatter": 140, "allgather": 100, "broadc
              "premul": 12, "complex": 12, "float8": 15}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+# "transport": the shared-memory path off (MC_SHM=0), so the same checks run the transport's
+# algorithms (ring, recursive doubling, trees) over tcp loopback.
+@pytest.fixture(scope="module", params=[(2, ""), (4, ""), (4, "transport")],
+                ids=["world2", "world4", "world4-transport"])
 def battery(request):
-    world = request.param
-    return world, run_ranks(_workers.battery, world, 240)
+    world, variant = request.param
+    mp = pytest.MonkeyPatch()
+    if variant == "transport":
+        mp.setenv("MC_SHM", "0")
+    try:
+        return world, run_ranks(_workers.battery, world, 240)
+    finally:
+        mp.undo()
 
 
 @pytest.mark.parametrize("category", CATEGORIES)
