@@ -386,6 +386,81 @@ void mc_reduce_local(void *dst, const void *src, size_t count, mc_dtype_t dtype,
     reduce_table[dtype][op](dst, src, count);
 }
 
+/* acc[i] = acc[i] op b[i] in float32, for the 16-bit types' n-ary reduction. */
+static void float_combine(float *restrict acc, const float *restrict y, size_t n, mc_redop_t op) {
+  switch (op) {
+  case MC_PRODUCT:
+    for (size_t i = 0; i < n; i++) {
+      float a = acc[i], b = y[i];
+      acc[i] = OP_MUL;
+    }
+    break;
+  case MC_MIN:
+    for (size_t i = 0; i < n; i++) {
+      float a = acc[i], b = y[i];
+      acc[i] = OP_FMIN;
+    }
+    break;
+  case MC_MAX:
+    for (size_t i = 0; i < n; i++) {
+      float a = acc[i], b = y[i];
+      acc[i] = OP_FMAX;
+    }
+    break;
+  default: /* SUM, AVG, PREMUL_SUM */
+    for (size_t i = 0; i < n; i++) {
+      float a = acc[i], b = y[i];
+      acc[i] = OP_ADD;
+    }
+    break;
+  }
+}
+
+static void half_many(half_codec codec, uint16_t *dst, const void *const *srcs, int nsrc, int first,
+                      size_t count, mc_redop_t op) {
+  float acc[HALF_BLOCK], y[HALF_BLOCK];
+  for (size_t base = 0; base < count; base += HALF_BLOCK) {
+    size_t n = count - base < HALF_BLOCK ? count - base : HALF_BLOCK;
+    codec.widen(acc, (const uint16_t *)srcs[first] + base, n);
+    for (int k = 0; k < nsrc; k++)
+      if (k != first) {
+        codec.widen(y, (const uint16_t *)srcs[k] + base, n);
+        float_combine(acc, y, n, op);
+      }
+    codec.narrow(dst + base, acc, n);
+  }
+}
+
+/* Blocks small enough that dst stays in L1 while every input is folded into it. */
+#define MANY_BLOCK_BYTES 8192
+
+void mc_reduce_many(void *dst, const void *const *srcs, int nsrc, size_t count, mc_dtype_t dtype,
+                    mc_redop_t op) {
+  if (count == 0 || nsrc < 1 || !dtype_valid(dtype) || !redop_valid(op))
+    return;
+  int first = 0; /* in place: start from the input dst already holds */
+  for (int k = 0; k < nsrc; k++)
+    if (srcs[k] == dst)
+      first = k;
+  reduce_fn fn = reduce_table[dtype][op];
+  if (!fn && nsrc > 1)
+    return;
+  if (dtype == MC_FLOAT16 || dtype == MC_BFLOAT16) {
+    half_many(dtype == MC_FLOAT16 ? f16_codec() : bf16_codec(), dst, srcs, nsrc, first, count, op);
+    return;
+  }
+  const size_t esz = mc_dtype_size(dtype), block = MANY_BLOCK_BYTES / esz;
+  for (size_t base = 0; base < count; base += block) {
+    size_t n = count - base < block ? count - base : block;
+    char *d = (char *)dst + base * esz;
+    if (srcs[first] != dst)
+      memcpy(d, (const char *)srcs[first] + base * esz, n * esz);
+    for (int k = 0; k < nsrc; k++)
+      if (k != first)
+        fn(d, (const char *)srcs[k] + base * esz, n);
+  }
+}
+
 void mc_premul(void *dst, const void *src, size_t count, mc_dtype_t dtype, double factor) {
   if (count == 0)
     return;

@@ -9,6 +9,13 @@
  * or op does nothing: callers validate with mc_reduce_supported() first. */
 void mc_reduce_local(void *dst, const void *src, size_t count, mc_dtype_t dtype, mc_redop_t op);
 
+/* dst = srcs[0] op srcs[1] op ... (in that order; starting from the one dst is, if dst is one
+ * of them), cache block by cache block, so that every input and the output cross memory once.
+ * float16 and bfloat16 accumulate all inputs in float32 and round once. MC_AVG and
+ * MC_PREMUL_SUM sum, as in mc_reduce_local. dst may equal one source; no other overlap. */
+void mc_reduce_many(void *dst, const void *const *srcs, int nsrc, size_t count, mc_dtype_t dtype,
+                    mc_redop_t op);
+
 /* buf[i] /= divisor (floats: true division done in the type's precision, 16-bit types via
  * float32; integers: C truncating division). divisor < 1 and MC_BOOL leave buf unchanged. */
 void mc_scale_div(void *buf, size_t count, mc_dtype_t dtype, int divisor);

@@ -62,7 +62,8 @@ struct mc_shm {
   size_t slot_bytes, map_bytes, flat_max;
   shm_header_t *self;
   char *self_base;
-  shm_peer_t *peer; /* n entries, own included */
+  shm_peer_t *peer;  /* n entries, own included */
+  const void **srcs; /* n entries: the inputs of one reduction */
   char seg_name[80], wake_path[96];
   int wake_rd; /* own FIFO, opened read-write so that it never reports EOF */
   bool attached, unlinked;
@@ -90,7 +91,10 @@ static void names(const mc_comm_t *comm, int rank, char *seg, size_t seglen, cha
 
 mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
   mc_shm_t *s = calloc(1, sizeof *s);
-  if (!s || !(s->peer = calloc(comm->size, sizeof *s->peer))) {
+  if (!s || !(s->peer = calloc(comm->size, sizeof *s->peer)) ||
+      !(s->srcs = calloc(comm->size, sizeof *s->srcs))) {
+    if (s)
+      free(s->peer);
     free(s);
     snprintf(err, errlen, "out of memory");
     return MC_ERR_NOMEM;
@@ -134,6 +138,7 @@ mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
     }
     shm_unlink(s->seg_name);
     free(s->peer);
+    free(s->srcs);
     free(s);
     return MC_ERR_TRANSPORT;
   }
@@ -173,6 +178,7 @@ void mc_shm_destroy(mc_comm_t *comm) {
   munmap(s->self_base, s->map_bytes);
   close(s->wake_rd);
   free(s->peer);
+  free(s->srcs);
   free(s);
   comm->shm = NULL;
 }
@@ -365,30 +371,27 @@ static void copy_in(mc_shm_t *s, mc_request_t *req, chunk_t c) {
   publish(s, &s->self->arrived, c.t);
 }
 
-/* dst = this rank's contribution, then op= every peer's in rank order. own_slot: this rank's
- * contribution was staged in its slot (PREMUL_SUM scales it there). */
+/* dst = every rank's contribution (this rank's `own`, the peers' from their slots at
+ * slot_elem) reduced in rank order, each input read once (mc_reduce_many). PREMUL_SUM reads
+ * this rank's scaled copy from its slot. */
 static void reduce_from(mc_shm_t *s, mc_request_t *req, void *dst, const void *own,
                         size_t slot_elem, size_t count, uint64_t t) {
   size_t esz = mc_dtype_size(req->dtype);
   if (req->redop == MC_PREMUL_SUM)
     own = elem(slot_of(s->self_base, s->slot_bytes, t), slot_elem, esz);
-  if (dst != own && count)
-    memcpy(dst, own, count * esz);
   for (int r = 0; r < s->n; r++)
-    if (r != s->me)
-      mc_reduce_local(dst, elem(slot_of((char *)s->peer[r].base, s->slot_bytes, t), slot_elem, esz),
-                      count, req->dtype, req->redop);
+    s->srcs[r] =
+        r == s->me ? own : elem(slot_of((char *)s->peer[r].base, s->slot_bytes, t), slot_elem, esz);
+  mc_reduce_many(dst, s->srcs, s->n, count, req->dtype, req->redop);
   if (req->redop == MC_AVG)
     mc_scale_div(dst, count, req->dtype, s->n);
 }
 
 /* The flat allreduce reduces every slot in rank order, so all ranks compute the same bits. */
 static void reduce_all_slots(mc_shm_t *s, mc_request_t *req, void *dst, size_t count, uint64_t t) {
-  size_t esz = mc_dtype_size(req->dtype);
-  memcpy(dst, slot_of((char *)s->peer[0].base, s->slot_bytes, t), count * esz);
-  for (int r = 1; r < s->n; r++)
-    mc_reduce_local(dst, slot_of((char *)s->peer[r].base, s->slot_bytes, t), count, req->dtype,
-                    req->redop);
+  for (int r = 0; r < s->n; r++)
+    s->srcs[r] = slot_of((char *)s->peer[r].base, s->slot_bytes, t);
+  mc_reduce_many(dst, s->srcs, s->n, count, req->dtype, req->redop);
   if (req->redop == MC_AVG)
     mc_scale_div(dst, count, req->dtype, s->n);
 }

@@ -713,6 +713,74 @@ static void test_tables(void) {
   CHECK(au[0] == 44, "uint8 200 + 100 wraps to 44");
 }
 
+/* mc_reduce_many against the pairwise kernels folded in the same order (bitwise, NaN = NaN);
+ * 16-bit floats against one float32 accumulation rounded once. Counts cross its blocks; one
+ * case is in place (dst is input 2, which then comes first). */
+static void test_reduce_many(const char *path) {
+  static const size_t many_counts[] = {1, 257, 5000};
+  enum { MAXSRC = 5 };
+  for (int di = 0; di < MC_DTYPE_COUNT; di++) {
+    mc_dtype_t d = (mc_dtype_t)di;
+    size_t esz = mc_dtype_size(d);
+    for (int oi = 0; oi < MC_REDOP_COUNT; oi++) {
+      mc_redop_t op = (mc_redop_t)oi;
+      if (mc_reduce_supported(d, op) != MC_OK)
+        continue;
+      for (size_t ci = 0; ci < sizeof many_counts / sizeof *many_counts; ci++) {
+        size_t n = many_counts[ci], bytes = n * esz;
+        for (int nsrc = 1; nsrc <= MAXSRC; nsrc += 2) {
+          for (int in_place = 0; in_place < 2 && (!in_place || nsrc >= 3); in_place++) {
+            char *src[MAXSRC], *dst = malloc(bytes), *want = malloc(bytes);
+            const void *srcs[MAXSRC];
+            for (int k = 0; k < nsrc; k++) {
+              src[k] = malloc(bytes);
+              fill_random(d, src[k], n);
+              srcs[k] = src[k];
+            }
+            int first = in_place ? 2 : 0;
+            if (d == MC_FLOAT16 || d == MC_BFLOAT16) {
+              for (size_t i = 0; i < n; i++) {
+                float acc = (float)get_float(d, src[first], i);
+                for (int k = 0; k < nsrc; k++) {
+                  float b = (float)get_float(d, src[k], i);
+                  if (k == first)
+                    continue;
+                  acc = op == MC_PRODUCT ? acc * b
+                        : op == MC_MIN   ? ((acc < b || acc != acc) ? acc : b)
+                        : op == MC_MAX   ? ((acc > b || acc != acc) ? acc : b)
+                                         : acc + b;
+                }
+                put_float(d, want, i, acc);
+              }
+            } else {
+              memcpy(want, src[first], bytes);
+              for (int k = 0; k < nsrc; k++)
+                if (k != first)
+                  mc_reduce_local(want, src[k], n, d, op);
+            }
+            if (in_place) {
+              memcpy(dst, src[2], bytes);
+              srcs[2] = dst;
+            }
+            mc_reduce_many(dst, srcs, nsrc, n, d, op);
+            size_t bad = n;
+            for (size_t i = 0; i < n && bad == n; i++)
+              if (!same_element(d, op, dst, want, i))
+                bad = i;
+            CHECK(bad == n, "[%s] reduce_many %s %s count=%zu inputs=%d%s: element %zu differs",
+                  path, mc_dtype_name(d), mc_redop_name(op), n, nsrc, in_place ? " in place" : "",
+                  bad);
+            for (int k = 0; k < nsrc; k++)
+              free(src[k]);
+            free(dst);
+            free(want);
+          }
+        }
+      }
+    }
+  }
+}
+
 int main(void) {
   test_tables();
   int hardware = mc_reduce_use_f16c(1);
@@ -724,6 +792,7 @@ int main(void) {
     test_half_cases(paths[p]);
     test_scale_div(paths[p]);
     test_premul();
+    test_reduce_many(paths[p]);
   }
   test_complex();
   if (failures) {
