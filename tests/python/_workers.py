@@ -826,3 +826,31 @@ def mismatch(rank, world, store_path, timeout_s):
     c.expect("mismatch", "destroy_process_group is prompt", time.monotonic() - t0 < 10)
     return c.result()
 
+
+
+def mismatch_text(rank, world, store_path):
+    """Mismatched calls on the default group and on a group with a long (hashed) name: the
+    error each rank gets must end with the whole cause, sizes included (nothing cut off)."""
+    init(rank, world, store_path, timeout_s=30)
+    long_group = dist.new_group(list(range(world)), use_local_synchronization=True)
+    got = {}
+
+    def run(key, fn):
+        try:
+            fn()
+            got[key] = None
+        except dist.DistBackendError as e:
+            got[key] = str(e)
+
+    for gname, g in (("default", None), ("long", long_group)):
+        run((gname, "recv"), lambda g=g: dist.send(torch.ones(100), 1, group=g) if rank == 0
+            else dist.recv(torch.empty(10), 0, group=g) if rank == 1 else None)
+        run((gname, "allreduce"), lambda g=g: dist.all_reduce(torch.ones(10 + 10 * rank), group=g))
+        run((gname, "gather"), lambda g=g: dist.gather(
+            torch.ones(3 + rank), [torch.empty(3) for _ in range(world)] if rank == 0 else None,
+            dst=0, group=g))
+        run((gname, "alltoall"), lambda g=g: dist.all_to_all_single(
+            torch.empty(world * (2 + rank)), torch.ones(world * (2 + rank)), group=g))
+        dist.barrier(group=g)  # the group is still usable after each mismatch
+    return {"group_name": dist.distributed_c10d._get_process_group_name(long_group),
+            "got": {f"{k[0]}/{k[1]}": v for k, v in got.items()}}
