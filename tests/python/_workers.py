@@ -3,6 +3,7 @@ gloo group over the same ranks, runs each op on identical inputs through both an
 mismatches instead of raising, so all ranks keep issuing the same sequence of collectives.
 Each function returns {"counts": {category: checks}, "failures": {category: [messages]}}."""
 
+import math
 import traceback
 from collections import defaultdict
 from datetime import timedelta
@@ -623,6 +624,27 @@ def check_list_forms(c, rank, world, gloo):
         exp = local_reduction(gather_bytes(i, world, gloo), R.MAX, world)
         c.equal("coalesced", f"reduce_scatter_tensor coalesced #{j}", o,
                 exp[rank * sizes[j]:(rank + 1) * sizes[j]])
+
+    # The deprecated list form, all_gather_coalesced: outs[r][j] = rank r's ins[j] (empty and
+    # shaped tensors, a non-contiguous output, complex and int dtypes), against gloo.
+    for dt in (torch.float32, torch.int64, torch.complex64):
+        shapes = [(2, 3), (0,), (5,)]
+        ins = [make_input(torch.float32, R.SUM, math.prod(sh), rank, 12300 + k).reshape(sh)
+               for k, sh in enumerate(shapes)]
+        ins = [t.to(dt) * (1 + 1j) if dt.is_complex else t.to(dt) for t in ins]
+        mine = [[torch.zeros(sh, dtype=dt) for sh in shapes] for _ in range(world)]
+        mine[world - 1][0] = torch.zeros(3, 2, dtype=dt).t()  # non-contiguous (2, 3)
+        theirs = [[torch.zeros(sh, dtype=dt) for sh in shapes] for _ in range(world)]
+        dist.all_gather_coalesced(mine, ins)
+        dist.all_gather_coalesced(theirs, ins, group=gloo)
+        for r in range(world):
+            for k in range(len(shapes)):
+                c.equal("coalesced", f"all_gather_coalesced {dt} rank {r} #{k} vs gloo",
+                        mine[r][k], theirs[r][k])
+    fut = dist.all_gather_coalesced([[torch.zeros(4)] for _ in range(world)],
+                                    [torch.full((4,), float(rank))], async_op=True)
+    fut.wait()
+    c.expect("coalesced", "all_gather_coalesced async future", fut.done())
 
 
 def _gather_opts(world):
