@@ -15,7 +15,10 @@
 
 #define MC_MAX_RANKS 65535
 #define MC_MAX_XFERS 40 /* transfers in one step: a binomial broadcast root sends to log2(n) */
-#define MC_ERRLEN 320
+/* Error texts nest (a transport error inside a step failure inside a revoke inside a refusal):
+ * each level adds a prefix of at most ~150 bytes to a cause of at most 256, so 1 KiB keeps the
+ * whole chain. */
+#define MC_ERRLEN 1024
 
 typedef enum {
   MC_OP_ALLREDUCE = 1,

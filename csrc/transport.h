@@ -19,8 +19,9 @@ typedef struct {
   mc_status_t status;
   size_t len;        /* bytes received */
   uint64_t tag;      /* matched tag (receives) */
-  uint64_t data;     /* remote CQ data (receives) */
+  uint64_t data;     /* remote CQ data (receives); 0 when the transport has none */
   const char *error; /* transport's words when status != MC_OK */
+  size_t overflow;   /* MC_ERR_MISMATCH: bytes that did not fit the receive, 0 if unknown */
 } mc_completion_t;
 
 typedef struct {

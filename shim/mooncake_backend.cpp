@@ -895,6 +895,54 @@ c10::intrusive_ptr<c10d::Work> MooncakeBackend::broadcast(std::vector<at::Tensor
 }
 
 c10::intrusive_ptr<c10d::Work>
+MooncakeBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>> &outputs,
+                                     std::vector<at::Tensor> &inputs,
+                                     const c10d::AllgatherOptions & /*opts*/) {
+  const std::string w = what("allgather_coalesced");
+  TORCH_CHECK_VALUE(!inputs.empty(), w, ": needs at least one input tensor");
+  TORCH_CHECK_VALUE(outputs.size() == static_cast<size_t>(size_), w, ": has ", outputs.size(),
+                    " output lists, expected one per rank (", size_, ")");
+  mc_dtype_t dt = checkTensor(inputs[0], w);
+  checkAll(inputs, inputs[0], -1, w, "input");
+  for (size_t r = 0; r < outputs.size(); ++r) {
+    TORCH_CHECK_VALUE(outputs[r].size() == inputs.size(), w, ": output list ", r, " has ",
+                      outputs[r].size(), " tensors, expected one per input (", inputs.size(), ")");
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      checkTensor(outputs[r][i], w);
+      TORCH_CHECK_TYPE(outputs[r][i].scalar_type() == inputs[i].scalar_type(), w, ": output ", r,
+                       "[", i, "] has dtype ", outputs[r][i].scalar_type(), ", input ", i, " has ",
+                       inputs[i].scalar_type());
+      TORCH_CHECK_VALUE(outputs[r][i].numel() == inputs[i].numel(), w, ": output ", r, "[", i,
+                        "] has ", outputs[r][i].numel(), " elements, input ", i, " has ",
+                        inputs[i].numel());
+    }
+  }
+  // One allgather of the inputs laid end to end; rank r's row holds its copy of every input.
+  Pending p;
+  for (const auto &list : outputs) {
+    p.outputs.insert(p.outputs.end(), list.begin(), list.end());
+  }
+  at::Tensor in = flatCat(inputs);
+  const int64_t total = in.numel();
+  at::Tensor flat = at::empty({size_ * total}, in.options());
+  p.keepAlive.insert(p.keepAlive.end(), {in, flat});
+  for (int r = 0; r < size_; ++r) {
+    int64_t off = r * total;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      at::Tensor &out = outputs[r][i];
+      p.copyBack.emplace_back(flat.narrow(0, off, out.numel()).view(out.sizes()), out);
+      off += out.numel();
+    }
+  }
+  const void *inPtr = in.data_ptr();
+  void *outPtr = flat.data_ptr();
+  size_t n = static_cast<size_t>(total);
+  return launch(
+      "allgather_coalesced", c10d::OpType::ALLGATHER_COALESCED, std::move(p),
+      [=](mc_comm_t *c, mc_request_t **r) { return mc_allgather(c, inPtr, outPtr, n, dt, r); });
+}
+
+c10::intrusive_ptr<c10d::Work>
 MooncakeBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor> &outputs,
                                                  std::vector<at::Tensor> &inputs,
                                                  const c10d::AllgatherOptions & /*opts*/) {

@@ -167,6 +167,10 @@ public:
   c10::intrusive_ptr<c10d::Work>
   _reduce_scatter_base(at::Tensor &output, at::Tensor &input,
                        const c10d::ReduceScatterOptions &opts) override;
+  // The deprecated list form (dist.all_gather_coalesced): outputs[r][i] gets rank r's inputs[i].
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(std::vector<std::vector<at::Tensor>> &outputs,
+                                                     std::vector<at::Tensor> &inputs,
+                                                     const c10d::AllgatherOptions &opts) override;
   c10::intrusive_ptr<c10d::Work>
   allgather_into_tensor_coalesced(std::vector<at::Tensor> &outputs, std::vector<at::Tensor> &inputs,
                                   const c10d::AllgatherOptions &opts) override;

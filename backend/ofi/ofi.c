@@ -273,8 +273,9 @@ static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
                              .status = st,
                              .len = ee.len,
                              .tag = ee.tag,
-                             .data = ee.data,
-                             .error = t->error};
+                             .data = (ee.flags & FI_REMOTE_CQ_DATA) ? ee.data : 0,
+                             .error = t->error,
+                             .overflow = st == MC_ERR_MISMATCH ? ee.olen : 0};
   if ((ee.flags & FI_RECV) && st == MC_ERR_MISMATCH)
     ring_sender(t, ee.op_context);
   return 1;

@@ -400,7 +400,7 @@ static bool signatures_agree(mc_shm_t *s, mc_request_t *req, uint64_t t) {
   for (int r = 0; r < s->n; r++) {
     uint64_t theirs = s->peer[r].hdr->sig[t & 1];
     if (r != s->me && theirs != req->signature) {
-      char a[96], b[96];
+      char a[128], b[128];
       mc_describe_signature(theirs, a, sizeof a);
       mc_describe_signature(req->signature, b, sizeof b);
       req->mismatch = true;

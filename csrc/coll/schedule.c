@@ -204,31 +204,53 @@ void mc_sched_repost(mc_request_t *req) {
     post_step(req);
 }
 
+/* "4096 bytes (1024 x float32)": the element count too when the bytes are whole elements. */
+static void describe_bytes(const mc_request_t *req, size_t bytes, char *out, size_t len) {
+  size_t esize = mc_dtype_size(req->dtype);
+  if (esize && bytes % esize == 0)
+    snprintf(out, len, "%zu bytes (%zu x %s)", bytes, bytes / esize, mc_dtype_name(req->dtype));
+  else
+    snprintf(out, len, "%zu bytes", bytes);
+}
+
 static void check_arrival(mc_request_t *req, mc_xfer_t *x, const mc_completion_t *c) {
   int src = x->peer >= 0 ? x->peer : (int)c->data; /* any-source: p2p data is the sender */
-  if (c->status == MC_ERR_MISMATCH) {              /* truncated: the sender had more */
-    mismatch(req, "rank %d sent more than the %zu bytes this rank expected (%s)", src, x->len,
-             c->error ? c->error : "truncated");
-    return;
-  }
-  if (req->kind == MC_OP_RECV) {
+  bool p2p = req->kind == MC_OP_RECV;
+  if (p2p)
     req->source = src;
-    if (c->len != x->len)
-      mismatch(req, "rank %d sent %zu bytes, this rank expected %zu", src, c->len, x->len);
+  /* collectives: the sender's signature says most (its op, count, dtype, root); a truncated
+   * receive carries it too when the transport reports it (data 0: it did not) */
+  if (!p2p && (c->status == MC_OK || c->data)) {
+    if (c->data & SIG_MISMATCH) {
+      mismatch(req,
+               "rank %d reported that the ranks called this operation with different "
+               "arguments",
+               src);
+      return;
+    }
+    if (c->data != req->signature) {
+      char theirs[128], mine[128];
+      mc_describe_signature(c->data, theirs, sizeof theirs);
+      mc_describe_signature(req->signature, mine, sizeof mine);
+      mismatch(req, "rank %d called %s but this rank called %s", src, theirs, mine);
+      return;
+    }
+  }
+  char sent[96], expected[96];
+  describe_bytes(req, x->len, expected, sizeof expected);
+  if (c->status == MC_ERR_MISMATCH) { /* truncated: the sender had more */
+    if (c->overflow) {
+      describe_bytes(req, x->len + c->overflow, sent, sizeof sent);
+      mismatch(req, "rank %d sent %s, this rank expected %s", src, sent, expected);
+    } else {
+      mismatch(req, "rank %d sent more than the %s this rank expected (%s)", src, expected,
+               c->error ? c->error : "truncated");
+    }
     return;
   }
-  if (c->data & SIG_MISMATCH) {
-    mismatch(req,
-             "rank %d reported that the ranks called this operation with different "
-             "arguments",
-             src);
-  } else if ((c->data & ~SIG_MISMATCH) != req->signature) {
-    char theirs[96], mine[96];
-    mc_describe_signature(c->data & ~SIG_MISMATCH, theirs, sizeof theirs);
-    mc_describe_signature(req->signature, mine, sizeof mine);
-    mismatch(req, "rank %d called %s but this rank called %s", src, theirs, mine);
-  } else if (c->len != x->len) {
-    mismatch(req, "rank %d sent %zu bytes, this rank expected %zu", src, c->len, x->len);
+  if (c->len != x->len) {
+    describe_bytes(req, c->len, sent, sizeof sent);
+    mismatch(req, "rank %d sent %s, this rank expected %s", src, sent, expected);
   }
 }
 

@@ -45,29 +45,6 @@ def run_category(c, pending, cat, fn):
             c.expect(cat, "check_" + cat, False, traceback.format_exc(limit=6))
 
 
-def require_ops(group, *ops):
-    """Raises Pending unless the backend of `group` implements every op named (probed with a
-    tiny call; unsupported ops fail on every rank before communicating)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    t = torch.ones(1)
-    calls = {
-        "gather": lambda: dist.gather(t, [torch.empty(1) for _ in range(world)] if rank == 0
-                                      else None, group_dst=0, group=group),
-        "scatter": lambda: dist.scatter(t, [torch.ones(1)] * world if rank == 0 else None,
-                                        group_src=0, group=group),
-        "reduce": lambda: dist.reduce(t.clone(), group_dst=0, group=group),
-        "alltoall": lambda: dist.all_to_all_single(torch.empty(world), torch.ones(world),
-                                                   group=group),
-    }
-    for op in ops:
-        try:
-            calls[op]()
-        except RuntimeError as e:
-            if _unsupported(e):
-                raise Pending(f"mooncake does not implement {op} yet") from None
-            raise
-
-
 # ---------------------------------------------------------------- DDP
 
 
@@ -198,19 +175,46 @@ def _train_fsdp(group, rank, steps=3):
     return model, torch.stack(losses)
 
 
-def check_fsdp(c, rank, world, gloo):
-    cat = "fsdp2"
-    mm, ml = _train_fsdp(dist.group.WORLD, rank)
-    gm, gl = _train_fsdp(gloo, rank)
-    c.equal(cat, "losses", ml, gl, rtol=1e-5, atol=1e-6)
-    for (n, a), (_, b) in zip(mm.named_parameters(), gm.named_parameters()):
-        c.equal(cat, f"{n} local shard", a.to_local(), b.to_local(), rtol=1e-5, atol=1e-6)
-    # Same training without FSDP (full model on each rank, grads averaged by hand over gloo).
+class OpsSeen:
+    """Records the c10d ops (torch.ops.c10d.* and _c10d_functional.*) dispatched inside the
+    block: proof that a framework call reached the backend through the op the check is about."""
+
+    def __init__(self):
+        self.names = set()
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func)
+                if "c10d" in name:
+                    names.add(name.split(".")[1])  # "c10d.scatter_.default" -> "scatter_"
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def expect_ops(c, cat, what, seen, *ops):
+    missing = [op for op in ops if op not in seen.names]
+    c.expect(cat, f"{what} reached the backend through {', '.join(ops)}", not missing,
+             f"missing {missing}; seen {sorted(seen.names)}")
+
+
+def _unsharded_reference(rank, world, gloo, steps=3):
+    """The FSDP model trained without FSDP: full model on each rank, grads averaged over gloo."""
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                         nn.Linear(64, 8))
     opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    for s in range(3):
+    for s in range(steps):
         x, y = _batch(rank, s)
         opt.zero_grad()
         nn.functional.mse_loss(ref(x), y).backward()
@@ -218,45 +222,130 @@ def check_fsdp(c, rank, world, gloo):
             dist.all_reduce(p.grad, group=gloo)
             p.grad /= world
         opt.step()
-    for (n, a), b in zip(mm.named_parameters(), ref.parameters()):
-        # FSDP2 shards dim 0 like torch.chunk (full_tensor() would need all_gather coalesced).
-        chunks = torch.chunk(b.detach(), world, dim=0)
-        exp = chunks[rank] if rank < len(chunks) else b.detach()[:0]
-        c.equal(cat, f"{n} vs unsharded", a.to_local(), exp, rtol=1e-4, atol=1e-5)
+    return ref
+
+
+def check_fsdp(c, rank, world, gloo):
+    cat = "fsdp2"
+    with OpsSeen() as seen:
+        mm, ml = _train_fsdp(dist.group.WORLD, rank)
+    # FSDP2's unshard is an all_gather_into_tensor of one flat buffer, its gradient reduction a
+    # reduce_scatter_tensor
+    expect_ops(c, cat, "training", seen, "_allgather_base_", "_reduce_scatter_base_")
+    gm, gl = _train_fsdp(gloo, rank)
+    c.equal(cat, "losses", ml, gl, rtol=1e-5, atol=1e-6)
+    ref = _unsharded_reference(rank, world, gloo)
+    with OpsSeen() as seen:
+        full = {n: p.full_tensor() for n, p in mm.named_parameters()}
+    expect_ops(c, cat, "full_tensor", seen, "all_gather_into_tensor")
+    gfull = {n: p.full_tensor() for n, p in gm.named_parameters()}
+    for (n, a), (_, b), r in zip(mm.named_parameters(), gm.named_parameters(), ref.parameters()):
+        c.equal(cat, f"{n} local shard", a.to_local(), b.to_local(), rtol=1e-5, atol=1e-6)
+        c.equal(cat, f"{n} full_tensor vs gloo", full[n], gfull[n], rtol=1e-5, atol=1e-6)
+        c.equal(cat, f"{n} full_tensor vs unsharded", full[n], r.detach(), rtol=1e-4, atol=1e-5)
+        # FSDP2 shards dim 0 like torch.chunk
+        c.equal(cat, f"{n} shard vs unsharded", a.to_local(),
+                _chunk_or_empty(r.detach(), world, 0, rank), rtol=1e-4, atol=1e-5)
+
+
+def _chunk_or_empty(t, world, dim, rank):
+    chunks = torch.chunk(t, world, dim=dim)  # how DTensor shards; trailing ranks may get none
+    return chunks[rank] if rank < len(chunks) else t.narrow(dim, 0, 0)
+
+
+def _dtensor_ops(group, rank, world):
+    """DTensor placements and functional collectives over `group`; returns {name: tensor}."""
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = DeviceMesh.from_group(group, "cpu")
+    full = torch.arange(world * 6 * 5, dtype=torch.float32).reshape(world * 6, 5)
+    uneven = torch.arange((world * 3 + 1) * 4, dtype=torch.float64).reshape(world * 3 + 1, 4)
+    out = {}
+    d = distribute_tensor(full, mesh, [Shard(0)])  # scatter from rank 0
+    out["shard"] = d.to_local()
+    out["full_tensor"] = d.full_tensor()
+    out["Shard->Replicate"] = d.redistribute(mesh, [Replicate()]).to_local()
+    out["Shard(0)->Shard(1)"] = d.redistribute(mesh, [Shard(1)]).to_local()
+    u = distribute_tensor(uneven, mesh, [Shard(0)])
+    out["uneven shard"] = u.to_local()
+    out["uneven full_tensor"] = u.full_tensor()
+    part = DTensor.from_local(full * (rank + 1), mesh, [Partial()])
+    out["Partial->Shard"] = part.redistribute(mesh, [Shard(0)]).to_local()
+    out["Partial->Replicate"] = part.redistribute(mesh, [Replicate()]).to_local()
+    ins = [full[rank].clone() * (rank + 1), uneven[:3].float().flatten() - rank]
+    gathered = funcol.all_gather_into_tensor_coalesced(ins, group)
+    for i, t in enumerate(gathered):
+        out[f"all_gather_into_tensor_coalesced[{i}]"] = funcol.wait_tensor(t)
+    scattered = funcol.reduce_scatter_tensor_coalesced(
+        [full.clone() * (rank + 1), uneven[:world * 3].float() + rank], "sum", [0, 0], group)
+    for i, t in enumerate(scattered):
+        out[f"reduce_scatter_tensor_coalesced[{i}]"] = funcol.wait_tensor(t)
+    return out
 
 
 def check_dtensor(c, rank, world, gloo):
-    """DTensor: distribute_tensor (scatter), full_tensor and redistribution (functional
-    collectives: all_gather_into_tensor_coalesced, reduce_scatter_tensor_coalesced)."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
-
+    """DTensor: distribute_tensor (scatter), full_tensor (all_gather_into_tensor, even and
+    uneven shards), redistribution (reduce_scatter_tensor, all_reduce) and the coalesced
+    functional collectives, each compared with the same calls over gloo and with the plain
+    computation."""
     cat = "dtensor"
-    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    with OpsSeen() as seen:
+        mine = _dtensor_ops(dist.group.WORLD, rank, world)
+    expect_ops(c, cat, "DTensor", seen, "scatter_", "all_gather_into_tensor",
+               "reduce_scatter_tensor", "all_reduce", "all_gather_into_tensor_coalesced",
+               "reduce_scatter_tensor_coalesced")
+    theirs = _dtensor_ops(gloo, rank, world)
+    c.expect(cat, "same results", sorted(mine) == sorted(theirs), f"{sorted(mine)} vs {sorted(theirs)}")
+    for k in mine:
+        if k in theirs:
+            c.equal(cat, f"{k} vs gloo", mine[k], theirs[k])
     full = torch.arange(world * 6 * 5, dtype=torch.float32).reshape(world * 6, 5)
-    d = distribute_tensor(full, mesh, [Shard(0)])
-    c.equal(cat, "shard", d.to_local(), torch.chunk(full, world)[rank])
-    c.equal(cat, "full_tensor", d.full_tensor(), full)
-    p = d.redistribute(mesh, [Replicate()]).to_local()
-    c.equal(cat, "Shard->Replicate", p, full)
-    part = torch.distributed.tensor.DTensor.from_local(full * (rank + 1), mesh, [Partial()])
-    rs = part.redistribute(mesh, [Shard(0)]).to_local()
-    c.equal(cat, "Partial->Shard", rs, torch.chunk(full * sum(range(1, world + 1)), world)[rank])
+    uneven = torch.arange((world * 3 + 1) * 4, dtype=torch.float64).reshape(world * 3 + 1, 4)
+    tri = sum(range(1, world + 1))
+    c.equal(cat, "shard", mine["shard"], torch.chunk(full, world)[rank])
+    c.equal(cat, "full_tensor", mine["full_tensor"], full)
+    c.equal(cat, "Shard->Replicate", mine["Shard->Replicate"], full)
+    c.equal(cat, "Shard(0)->Shard(1)", mine["Shard(0)->Shard(1)"],
+            _chunk_or_empty(full, world, 1, rank))
+    c.equal(cat, "uneven shard", mine["uneven shard"], torch.chunk(uneven, world)[rank])
+    c.equal(cat, "uneven full_tensor", mine["uneven full_tensor"], uneven)
+    c.equal(cat, "Partial->Shard", mine["Partial->Shard"], torch.chunk(full * tri, world)[rank])
+    c.equal(cat, "Partial->Replicate", mine["Partial->Replicate"], full * tri)
+    c.equal(cat, "all_gather_into_tensor_coalesced[0]", mine["all_gather_into_tensor_coalesced[0]"],
+            torch.cat([full[r] * (r + 1) for r in range(world)]))
+    c.equal(cat, "all_gather_into_tensor_coalesced[1]", mine["all_gather_into_tensor_coalesced[1]"],
+            torch.cat([uneven[:3].float().flatten() - r for r in range(world)]))
+    c.equal(cat, "reduce_scatter_tensor_coalesced[0]", mine["reduce_scatter_tensor_coalesced[0]"],
+            torch.chunk(full * tri, world)[rank])
+    c.equal(cat, "reduce_scatter_tensor_coalesced[1]", mine["reduce_scatter_tensor_coalesced[1]"],
+            torch.chunk(uneven[:world * 3].float() * world + sum(range(world)), world)[rank])
 
 
 def check_checkpoint(c, rank, world, gloo, ckpt_dir):
+    """DCP save and load over mooncake (its planner runs gather_object/scatter_object_list,
+    all_gather_object and broadcast), then the same checkpoint loaded over gloo: the state
+    must be the same either way."""
     import torch.distributed.checkpoint as dcp
 
     cat = "checkpoint"
-    require_ops(dist.group.WORLD, "gather", "scatter")  # DCP's planner: gather_object/scatter
     model, _ = _train_fsdp(dist.group.WORLD, rank, steps=1)
     state = {"model": model.state_dict()}
-    dcp.save(state, checkpoint_id=ckpt_dir, process_group=dist.group.WORLD)
-    fresh = _fsdp_model(dist.group.WORLD)
-    loaded = {"model": fresh.state_dict()}
-    dcp.load(loaded, checkpoint_id=ckpt_dir, process_group=dist.group.WORLD)
+    with OpsSeen() as seen:
+        dcp.save(state, checkpoint_id=ckpt_dir, process_group=dist.group.WORLD)
+        fresh = _fsdp_model(dist.group.WORLD)
+        loaded = {"model": fresh.state_dict()}
+        dcp.load(loaded, checkpoint_id=ckpt_dir, process_group=dist.group.WORLD)
+    expect_ops(c, cat, "save/load", seen, "gather_", "scatter_")
+    gfresh = _fsdp_model(gloo)
+    gloaded = {"model": gfresh.state_dict()}
+    dcp.load(gloaded, checkpoint_id=ckpt_dir, process_group=gloo)
     for k, v in state["model"].items():
-        c.equal(cat, f"load {k}", loaded["model"][k].full_tensor(), v.full_tensor())
+        want = v.full_tensor()
+        c.equal(cat, f"load {k}", loaded["model"][k].full_tensor(), want)
+        c.equal(cat, f"load {k} over gloo", gloaded["model"][k].to_local(),
+                loaded["model"][k].to_local())
 
 
 # ---------------------------------------------------------------- objects, p2p
@@ -294,17 +383,25 @@ def check_objects(c, rank, world, gloo):
 
 def check_objects_rooted(c, rank, world, gloo):
     cat = "objects_rooted"
-    require_ops(dist.group.WORLD, "gather", "scatter")
     for root in range(world):
         out = [None] * world if rank == root else None
-        dist.gather_object(_obj(rank), out, dst=root)
+        gout = [None] * world if rank == root else None
+        with OpsSeen() as seen:
+            dist.gather_object(_obj(rank), out, dst=root)
+        dist.gather_object(_obj(rank), gout, dst=root, group=gloo)
+        expect_ops(c, cat, "gather_object", seen, "gather_")
         if rank == root:
             c.expect(cat, f"gather_object dst {root}",
-                     all(_same(out[r], _obj(r)) for r in range(world)), out)
-        box = [None]
-        dist.scatter_object_list(box, [_obj(r) for r in range(world)] if rank == root else None,
-                                 src=root)
-        c.expect(cat, f"scatter_object_list src {root}", _same(box[0], _obj(rank)), box)
+                     all(_same(out[r], _obj(r)) and _same(out[r], gout[r]) for r in range(world)),
+                     out)
+        box, gbox = [None], [None]
+        objs = [_obj(r) for r in range(world)] if rank == root else None
+        with OpsSeen() as seen:
+            dist.scatter_object_list(box, objs, src=root)
+        dist.scatter_object_list(gbox, objs, src=root, group=gloo)
+        expect_ops(c, cat, "scatter_object_list", seen, "scatter_")
+        c.expect(cat, f"scatter_object_list src {root}",
+                 _same(box[0], _obj(rank)) and _same(box[0], gbox[0]), box)
 
 
 def _payload(src, dst, k, n=1000):

@@ -3,6 +3,7 @@ gloo group over the same ranks, runs each op on identical inputs through both an
 mismatches instead of raising, so all ranks keep issuing the same sequence of collectives.
 Each function returns {"counts": {category: checks}, "failures": {category: [messages]}}."""
 
+import math
 import traceback
 from collections import defaultdict
 from datetime import timedelta
@@ -624,6 +625,27 @@ def check_list_forms(c, rank, world, gloo):
         c.equal("coalesced", f"reduce_scatter_tensor coalesced #{j}", o,
                 exp[rank * sizes[j]:(rank + 1) * sizes[j]])
 
+    # The deprecated list form, all_gather_coalesced: outs[r][j] = rank r's ins[j] (empty and
+    # shaped tensors, a non-contiguous output, complex and int dtypes), against gloo.
+    for dt in (torch.float32, torch.int64, torch.complex64):
+        shapes = [(2, 3), (0,), (5,)]
+        ins = [make_input(torch.float32, R.SUM, math.prod(sh), rank, 12300 + k).reshape(sh)
+               for k, sh in enumerate(shapes)]
+        ins = [t.to(dt) * (1 + 1j) if dt.is_complex else t.to(dt) for t in ins]
+        mine = [[torch.zeros(sh, dtype=dt) for sh in shapes] for _ in range(world)]
+        mine[world - 1][0] = torch.zeros(3, 2, dtype=dt).t()  # non-contiguous (2, 3)
+        theirs = [[torch.zeros(sh, dtype=dt) for sh in shapes] for _ in range(world)]
+        dist.all_gather_coalesced(mine, ins)
+        dist.all_gather_coalesced(theirs, ins, group=gloo)
+        for r in range(world):
+            for k in range(len(shapes)):
+                c.equal("coalesced", f"all_gather_coalesced {dt} rank {r} #{k} vs gloo",
+                        mine[r][k], theirs[r][k])
+    fut = dist.all_gather_coalesced([[torch.zeros(4)] for _ in range(world)],
+                                    [torch.full((4,), float(rank))], async_op=True)
+    fut.wait()
+    c.expect("coalesced", "all_gather_coalesced async future", fut.done())
+
 
 def _gather_opts(world):
     opts = dist.GatherOptions()
@@ -826,3 +848,31 @@ def mismatch(rank, world, store_path, timeout_s):
     c.expect("mismatch", "destroy_process_group is prompt", time.monotonic() - t0 < 10)
     return c.result()
 
+
+
+def mismatch_text(rank, world, store_path):
+    """Mismatched calls on the default group and on a group with a long (hashed) name: the
+    error each rank gets must end with the whole cause, sizes included (nothing cut off)."""
+    init(rank, world, store_path, timeout_s=30)
+    long_group = dist.new_group(list(range(world)), use_local_synchronization=True)
+    got = {}
+
+    def run(key, fn):
+        try:
+            fn()
+            got[key] = None
+        except dist.DistBackendError as e:
+            got[key] = str(e)
+
+    for gname, g in (("default", None), ("long", long_group)):
+        run((gname, "recv"), lambda g=g: dist.send(torch.ones(100), 1, group=g) if rank == 0
+            else dist.recv(torch.empty(10), 0, group=g) if rank == 1 else None)
+        run((gname, "allreduce"), lambda g=g: dist.all_reduce(torch.ones(10 + 10 * rank), group=g))
+        run((gname, "gather"), lambda g=g: dist.gather(
+            torch.ones(3 + rank), [torch.empty(3) for _ in range(world)] if rank == 0 else None,
+            dst=0, group=g))
+        run((gname, "alltoall"), lambda g=g: dist.all_to_all_single(
+            torch.empty(world * (2 + rank)), torch.ones(world * (2 + rank)), group=g))
+        dist.barrier(group=g)  # the group is still usable after each mismatch
+    return {"group_name": dist.distributed_c10d._get_process_group_name(long_group),
+            "got": {f"{k[0]}/{k[1]}": v for k, v in got.items()}}
