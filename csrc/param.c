@@ -20,6 +20,8 @@ static mc_param_t params[MC_PARAM_COUNT] = {
     [MC_PARAM_OFI_IFACE] = {"MC_OFI_IFACE", "", 0},
     [MC_PARAM_HEARTBEAT_MS] = {"MC_HEARTBEAT_MS", "50", 0},
     [MC_PARAM_FAILURE_TIMEOUT_MS] = {"MC_FAILURE_TIMEOUT_MS", "300", 0},
+    [MC_PARAM_OFI_STREAMS] = {"MC_OFI_STREAMS", "1", 0},
+    [MC_PARAM_OFI_STRIPE_BYTES] = {"MC_OFI_STRIPE_BYTES", "262144", 0},
 };
 
 static pthread_once_t params_once = PTHREAD_ONCE_INIT;
