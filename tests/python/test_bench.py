@@ -28,7 +28,7 @@ def test_bench_columns_and_no_wrong():
     except ImportError:
         plot = False
     with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, "busbw.png")
+        png = os.path.join(tmp, "plot.png")
         p = _bench(tmp, *(["--plot", png] if plot else []))
         assert p.returncode == 0, p.stdout + p.stderr
         with open(os.path.join(tmp, "rows.json")) as f:
