@@ -263,7 +263,7 @@ struct piece {
 struct stripe {
   struct stripe *next, *prev;
   mc_transport_ctx_t *ctx; /* the engine's transfer */
-  bool is_send, reported;
+  bool is_send, reported, cancelled;
   int peer, npieces, posted, left; /* left: posted pieces not completed */
   char *buf;
   size_t len, chunk, got;
@@ -406,6 +406,7 @@ static mc_status_t stripe_start(mc_transport_t *t, bool is_send, int peer, void 
 }
 
 static void stripe_cancel(mc_transport_t *t, struct stripe *s) {
+  s->cancelled = true;
   stripe_drop_unposted(t, s);
   for (int i = 0; i < s->posted; i++)
     if (!s->piece[i].done)
@@ -424,9 +425,9 @@ static void piece_done(mc_transport_t *t, struct piece *p, mc_status_t st, size_
     s->data = data;
   if (st != MC_OK && s->status == MC_OK) {
     s->status = st;
-    if (st == MC_ERR_TRANSPORT)
+    if (st == MC_ERR_TRANSPORT && !s->cancelled)
       stripe_report(t, s); /* the engine breaks the communicator: close ends the rest */
-    else if (!s->is_send)
+    else if (!s->is_send && !s->cancelled)
       stripe_cancel(t, s); /* truncated or cancelled: end the other pieces, then report */
   }
   stripe_settle(t, s); /* a short piece shows as a short total: the engine's mismatch */
