@@ -13,12 +13,13 @@ Columns as nccl-tests: size is the bytes of the largest buffer (the full tensor)
 elements per rank as nccl-tests counts them, time in us, algbw = size / time and busbw = algbw x
 2(n-1)/n (allreduce), (n-1)/n (allgather, reduce_scatter, alltoall) or 1 (broadcast,
 sendrecv), in GB/s (1e9); #wrong = elements that differ from the known result, all ranks,
-checked in a separate run after timing. MC_FAILURE_TIMEOUT_MS defaults to 10 s here (a rank
-measuring memcpy on a loaded machine must not be declared failed). Each time is the median over --repeats runs of --iters
+checked in a separate run after timing. Each time is the median over --repeats runs of --iters
 back-to-back operations, the slowest rank's. memcpy is single-core copy bandwidth of the same
-bytes (numpy copyto, one thread, fastest of 5 runs) measured on rank 0 in the same run; bus/mc is busbw as a
-percentage of it. With --compare gloo, Gloo runs each size right after mooncake on the same
-tensors: its time, busbw and the speedup (gloo time / mooncake time) follow.
+bytes (numpy copyto, one thread, fastest of 5 runs) measured on rank 0 in the same run; bus/mc
+is busbw as a percentage of it. MC_FAILURE_TIMEOUT_MS defaults to 10 s here (a rank measuring
+memcpy on a loaded machine must not be declared failed). With --compare gloo, Gloo runs each
+size right after mooncake on the same tensors: its time, busbw and the speedup (gloo time /
+mooncake time) follow.
 
 --netns N (root): the ranks run in N network namespaces (rank r in namespace r % N) joined by
 veth links to a bridge (python/mooncake/fault/netns.py), so traffic crosses veth "hosts" instead
