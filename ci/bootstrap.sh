@@ -18,8 +18,8 @@ if ((${#missing[@]})); then
 fi
 
 PY=${PYTHON:-python3}
-echo "== pip: torch and test tools (pinned in ci/constraints.txt; expecttest: torch's own test suite)"
-$PY -m pip install -q -c ci/constraints.txt torch numpy pytest expecttest scikit-build-core ninja
+echo "== pip: torch and test tools (pinned in ci/constraints.txt; expecttest: torch's own test suite; matplotlib: bench --plot)"
+$PY -m pip install -q -c ci/constraints.txt torch numpy pytest expecttest scikit-build-core ninja matplotlib
 
 echo "== build: C engine and tests (build/)"
 cmake -S . -B build -G Ninja -DMC_BUILD_TESTS=ON >/dev/null

@@ -4,7 +4,12 @@
  * Waking up: providers whose CQ offers a wait fd (tcp;ofi_rxm) are slept on directly. The shm
  * provider has none, and its receiver must run for a sender's large (CMA) transfer to finish,
  * so each rank also owns a "doorbell" datagram socket: a sender rings the receiver after
- * posting, and a receiver rings the sender after a transfer larger than the inject size. */
+ * posting, and a receiver rings the sender after a transfer larger than the inject size.
+ *
+ * Streams (MC_OFI_STREAMS = K > 1, tcp): K endpoints share the CQ and the AV, so each peer pair
+ * has K connections. A collective message of at least MC_OFI_STRIPE_BYTES goes as up to K
+ * pieces, piece i on endpoint i with i in the tag's top bits; the transfer completes when every
+ * piece has. p2p messages and smaller ones use endpoint 0 (posting order, any-source). */
 #include <errno.h>
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
@@ -22,14 +27,28 @@
 #include "param.h"
 #include "transport.h"
 
+#define MAX_STREAMS 8
+#define TAG_P2P (1ULL << 27) /* MC_TAG_P2P in csrc/internal.h: p2p messages are never striped */
+#define TAG_PIECE_SHIFT 60   /* the engine leaves the top 4 tag bits 0 */
+
+struct stripe;
+
 struct mc_transport {
   struct fi_info *info;
   struct fid_fabric *fabric;
   struct fid_domain *domain;
   struct fid_av *av;
   struct fid_cq *cq;
-  struct fid_ep *ep;
-  fi_addr_t *peers;
+  struct fid_ep *ep; /* = eps[0] */
+  struct fid_ep *eps[MAX_STREAMS];
+  int nstreams;
+  size_t stripe_min;
+  fi_addr_t *peers;       /* peer r's stream s: peers[r * nstreams + s] */
+  int *peer_streams;      /* streams used with peer r: min of both ends */
+  struct stripe *live;    /* striped transfers with pieces in flight or not yet posted */
+  int unposted;           /* pieces waiting for queue space */
+  mc_completion_t *ready; /* completions of striped transfers, not yet returned by poll */
+  int nready, ready_cap;
   int *peer_keys; /* each peer's doorbell key, from the tail of its address */
   int npeers;
   int key;      /* this endpoint's doorbell key (params.rank) */
@@ -60,11 +79,17 @@ static void ring(mc_transport_t *t, int peer) {
   (void)sendto(t->doorbell, &b, 1, MSG_DONTWAIT, (struct sockaddr *)&a, len);
 }
 
+static void stripes_free(mc_transport_t *t);
+
 static void ofi_close(mc_transport_t *t) {
   if (!t)
     return;
+  for (int i = MAX_STREAMS - 1; i > 0; i--)
+    if (t->eps[i])
+      fi_close(&t->eps[i]->fid);
   if (t->ep)
     fi_close(&t->ep->fid);
+  stripes_free(t);
   if (t->av)
     fi_close(&t->av->fid);
   if (t->cq)
@@ -78,7 +103,9 @@ static void ofi_close(mc_transport_t *t) {
   if (t->doorbell >= 0)
     close(t->doorbell);
   free(t->peers);
+  free(t->peer_streams);
   free(t->peer_keys);
+  free(t->ready);
   free(t);
 }
 
@@ -161,52 +188,276 @@ static mc_status_t ofi_open(const mc_transport_params_t *p, mc_transport_t **out
   }
   struct fi_av_attr av_attr = {.type = FI_AV_TABLE};
   OFI_TRY(fi_av_open(t->domain, &av_attr, &t->av, NULL), "fi_av_open");
-  OFI_TRY(fi_endpoint(t->domain, t->info, &t->ep, NULL), "fi_endpoint");
-  OFI_TRY(fi_ep_bind(t->ep, &t->av->fid, 0), "fi_ep_bind(av)");
-  OFI_TRY(fi_ep_bind(t->ep, &t->cq->fid, FI_TRANSMIT | FI_RECV), "fi_ep_bind(cq)");
-  OFI_TRY(fi_enable(t->ep), "fi_enable");
+  /* several streams only where one connection per peer is the limit (not shm: one copy) */
+  int64_t k = mc_param_int(MC_PARAM_OFI_STREAMS);
+  t->nstreams = t->doorbell >= 0 || k < 1 ? 1 : k > MAX_STREAMS ? MAX_STREAMS : (int)k;
+  t->stripe_min = (size_t)mc_param_int(MC_PARAM_OFI_STRIPE_BYTES);
+  for (int i = 0; i < t->nstreams; i++) {
+    OFI_TRY(fi_endpoint(t->domain, t->info, &t->eps[i], NULL), "fi_endpoint");
+    OFI_TRY(fi_ep_bind(t->eps[i], &t->av->fid, 0), "fi_ep_bind(av)");
+    OFI_TRY(fi_ep_bind(t->eps[i], &t->cq->fid, FI_TRANSMIT | FI_RECV), "fi_ep_bind(cq)");
+    OFI_TRY(fi_enable(t->eps[i]), "fi_enable");
+  }
+  t->ep = t->eps[0];
   *out = t;
   return MC_OK;
 }
 
 static const char *ofi_provider(mc_transport_t *t) { return t->info->fabric_attr->prov_name; }
 
-/* The address is the endpoint name followed by the doorbell key, so that an endpoint opened
- * before its rank in a communicator is known (shrink's standby) is still addressable. */
+/* The address is the endpoints' names (one per stream, all the same length), the number of
+ * streams (one byte) and the doorbell key, so that an endpoint opened before its rank in a
+ * communicator is known (shrink's standby) is still addressable. */
 static mc_status_t ofi_get_address(mc_transport_t *t, void *buf, size_t *len) {
-  size_t name_len = *len - sizeof(int32_t);
-  if (*len < sizeof(int32_t) || fi_getname(&t->ep->fid, buf, &name_len))
+  size_t used = 0, first = 0;
+  if (*len < 1 + sizeof(int32_t))
     return MC_ERR_TRANSPORT;
+  for (int i = 0; i < t->nstreams; i++) {
+    size_t name_len = *len - 1 - sizeof(int32_t) - used;
+    if (fi_getname(&t->eps[i]->fid, (char *)buf + used, &name_len) || (i && name_len != first))
+      return MC_ERR_TRANSPORT;
+    first = name_len;
+    used += name_len;
+  }
+  ((unsigned char *)buf)[used++] = (unsigned char)t->nstreams;
   int32_t key = t->key;
-  memcpy((char *)buf + name_len, &key, sizeof key);
-  *len = name_len + sizeof key;
+  memcpy((char *)buf + used, &key, sizeof key);
+  *len = used + sizeof key;
   return MC_OK;
 }
 
 static mc_status_t ofi_set_peers(mc_transport_t *t, void *const *addrs, const size_t *lens, int n) {
   /* again for a shrink's standby, connected ahead in its old order: the AV gives an address
    * already inserted its old fi_addr back, so rxm's connection to it is reused */
-  free(t->peers), free(t->peer_keys);
-  t->peers = calloc(n, sizeof *t->peers);
+  free(t->peers), free(t->peer_streams), free(t->peer_keys);
+  t->peers = calloc((size_t)n * t->nstreams, sizeof *t->peers);
+  t->peer_streams = calloc(n, sizeof *t->peer_streams);
   t->peer_keys = calloc(n, sizeof *t->peer_keys);
-  if (!t->peers || !t->peer_keys)
+  if (!t->peers || !t->peer_streams || !t->peer_keys)
     return MC_ERR_NOMEM;
   t->npeers = n;
   for (int r = 0; r < n; r++) {
     int32_t key;
-    if (lens[r] < sizeof key)
+    const char *a = addrs[r];
+    if (lens[r] < 1 + sizeof key)
       return MC_ERR_TRANSPORT;
-    memcpy(&key, (const char *)addrs[r] + lens[r] - sizeof key, sizeof key);
+    memcpy(&key, a + lens[r] - sizeof key, sizeof key);
     t->peer_keys[r] = key;
-    if (fi_av_insert(t->av, addrs[r], 1, &t->peers[r], 0, NULL) != 1)
+    size_t names = lens[r] - 1 - sizeof key;
+    int k = ((const unsigned char *)a)[names];
+    if (k < 1 || names % k)
       return MC_ERR_TRANSPORT;
+    t->peer_streams[r] = k < t->nstreams ? k : t->nstreams;
+    for (int s = 0; s < t->peer_streams[r]; s++)
+      if (fi_av_insert(t->av, a + s * (names / k), 1, &t->peers[r * t->nstreams + s], 0, NULL) != 1)
+        return MC_ERR_TRANSPORT;
   }
   return MC_OK;
 }
 
+/* ---- striped transfers ---- */
+
+struct piece {
+  struct stripe *s;
+  int idx;
+  bool done;
+};
+
+struct stripe {
+  struct stripe *next, *prev;
+  mc_transport_ctx_t *ctx; /* the engine's transfer */
+  bool is_send, reported, cancelled;
+  int peer, npieces, posted, left; /* left: posted pieces not completed */
+  char *buf;
+  size_t len, chunk, got;
+  uint64_t tag, data;
+  mc_status_t status;
+  struct piece piece[MAX_STREAMS];
+};
+
+#define CTX_STRIPE(ctx) ((ctx)->opaque[0])
+/* a piece's libfabric context is its address + 1: engine contexts are aligned, so the low bit
+ * tells the two apart in the CQ */
+#define PIECE_CTX(p) ((void *)((char *)(p) + 1))
+#define IS_PIECE(c) (((uintptr_t)(c)&1) != 0)
+
+static bool stripes(const mc_transport_t *t, int peer, size_t len, uint64_t tag) {
+  return t->nstreams > 1 && peer >= 0 && !(tag & TAG_P2P) && len >= t->stripe_min &&
+         t->peer_streams[peer] > 1;
+}
+
+static void stripe_unlink(mc_transport_t *t, struct stripe *s) {
+  if (s->prev)
+    s->prev->next = s->next;
+  else
+    t->live = s->next;
+  if (s->next)
+    s->next->prev = s->prev;
+  free(s);
+}
+
+static void stripes_free(mc_transport_t *t) {
+  while (t->live)
+    stripe_unlink(t, t->live);
+  t->unposted = 0;
+}
+
+static ssize_t piece_post(mc_transport_t *t, struct stripe *s, int i) {
+  size_t off = (size_t)i * s->chunk;
+  size_t n = s->len - off < s->chunk ? s->len - off : s->chunk;
+  fi_addr_t a = t->peers[s->peer * t->nstreams + i];
+  uint64_t tag = s->tag | (uint64_t)i << TAG_PIECE_SHIFT;
+  return s->is_send
+             ? fi_tsenddata(t->eps[i], s->buf + off, n, NULL, s->data, a, tag,
+                            PIECE_CTX(&s->piece[i]))
+             : fi_trecv(t->eps[i], s->buf + off, n, NULL, a, tag, 0, PIECE_CTX(&s->piece[i]));
+}
+
+/* Hands the engine its transfer's completion (once). */
+static void stripe_report(mc_transport_t *t, struct stripe *s) {
+  if (s->reported)
+    return;
+  s->reported = true;
+  if (t->nready == t->ready_cap) {
+    int cap = t->ready_cap ? 2 * t->ready_cap : 16;
+    mc_completion_t *r = realloc(t->ready, cap * sizeof *r);
+    if (!r)
+      abort(); /* a lost completion would hang the operation */
+    t->ready = r, t->ready_cap = cap;
+  }
+  t->ready[t->nready++] = (mc_completion_t){.ctx = s->ctx,
+                                            .status = s->status,
+                                            .len = s->got,
+                                            .tag = s->tag,
+                                            .data = s->data,
+                                            .error = s->status ? t->error : NULL};
+}
+
+/* Pieces not posted yet are dropped: they count as never sent. */
+static void stripe_drop_unposted(mc_transport_t *t, struct stripe *s) {
+  t->unposted -= s->npieces - s->posted;
+  s->npieces = s->posted;
+}
+
+static void stripe_settle(mc_transport_t *t, struct stripe *s) {
+  if (s->left == 0 && s->posted == s->npieces) {
+    stripe_report(t, s);
+    stripe_unlink(t, s);
+  }
+}
+
+/* Posts what queue space allows; a hard error fails the transfer at once (the engine then
+ * breaks the communicator and closes the transport, which ends the other pieces). */
+static void stripe_post_more(mc_transport_t *t, struct stripe *s) {
+  while (s->posted < s->npieces) {
+    ssize_t rc = piece_post(t, s, s->posted);
+    if (rc == -FI_EAGAIN || rc == -FI_ENOMEM)
+      return;
+    if (rc) {
+      snprintf(t->error, sizeof t->error, "%s (stream %d): %s",
+               s->is_send ? "fi_tsenddata" : "fi_trecv", s->posted, fi_strerror((int)-rc));
+      s->status = MC_ERR_TRANSPORT;
+      stripe_drop_unposted(t, s);
+      stripe_report(t, s);
+      break;
+    }
+    s->posted++, s->left++, t->unposted--;
+  }
+  stripe_settle(t, s);
+}
+
+static mc_status_t stripe_start(mc_transport_t *t, bool is_send, int peer, void *buf, size_t len,
+                                uint64_t tag, uint64_t data, mc_transport_ctx_t *ctx) {
+  int k = t->peer_streams[peer];
+  size_t chunk = ((len + k - 1) / k + 63) & ~(size_t)63; /* both ends compute the same split */
+  struct stripe *s = calloc(1, sizeof *s);
+  if (!s) {
+    snprintf(t->error, sizeof t->error, "out of memory");
+    return MC_ERR_NOMEM;
+  }
+  *s = (struct stripe){.ctx = ctx,
+                       .is_send = is_send,
+                       .peer = peer,
+                       .npieces = (int)((len + chunk - 1) / chunk),
+                       .buf = buf,
+                       .len = len,
+                       .chunk = chunk,
+                       .tag = tag,
+                       .data = data};
+  for (int i = 0; i < s->npieces; i++)
+    s->piece[i] = (struct piece){.s = s, .idx = i};
+  ssize_t rc = piece_post(t, s, 0);
+  if (rc == -FI_EAGAIN || rc == -FI_ENOMEM) {
+    free(s);
+    return MC_ERR_TIMEOUT;
+  }
+  if (rc) {
+    snprintf(t->error, sizeof t->error, "%s: %s", is_send ? "fi_tsenddata" : "fi_trecv",
+             fi_strerror((int)-rc));
+    free(s);
+    return MC_ERR_TRANSPORT;
+  }
+  s->posted = s->left = 1;
+  t->unposted += s->npieces - 1;
+  s->next = t->live;
+  if (t->live)
+    t->live->prev = s;
+  t->live = s;
+  CTX_STRIPE(ctx) = s;
+  stripe_post_more(t, s);
+  return MC_OK;
+}
+
+static void stripe_cancel(mc_transport_t *t, struct stripe *s) {
+  s->cancelled = true;
+  stripe_drop_unposted(t, s);
+  for (int i = 0; i < s->posted; i++)
+    if (!s->piece[i].done)
+      fi_cancel(&t->eps[i]->fid, PIECE_CTX(&s->piece[i]));
+}
+
+/* A piece finished (st != MC_OK: failed). A truncated piece (the ranks disagree on the size)
+ * cancels the other receives so the transfer still completes, as a mismatch. */
+static void piece_done(mc_transport_t *t, struct piece *p, mc_status_t st, size_t len,
+                       uint64_t data, bool has_data) {
+  struct stripe *s = p->s;
+  p->done = true;
+  s->left--;
+  s->got += len;
+  if (has_data && p->idx == 0)
+    s->data = data;
+  if (st != MC_OK && s->status == MC_OK) {
+    s->status = st;
+    if (st == MC_ERR_TRANSPORT && !s->cancelled)
+      stripe_report(t, s); /* the engine breaks the communicator: close ends the rest */
+    else if (!s->is_send && !s->cancelled)
+      stripe_cancel(t, s); /* truncated or cancelled: end the other pieces, then report */
+  }
+  stripe_settle(t, s); /* a short piece shows as a short total: the engine's mismatch */
+}
+
+static int take_ready(mc_transport_t *t, mc_completion_t *out, int max) {
+  int n = t->nready < max ? t->nready : max;
+  memcpy(out, t->ready, n * sizeof *out);
+  memmove(t->ready, t->ready + n, (t->nready - n) * sizeof *out);
+  t->nready -= n;
+  return n;
+}
+
+static void post_unposted(mc_transport_t *t) {
+  for (struct stripe *s = t->live, *next; s && t->unposted > 0; s = next) {
+    next = s->next;
+    if (s->posted < s->npieces)
+      stripe_post_more(t, s);
+  }
+}
+
 static mc_status_t ofi_send(mc_transport_t *t, int peer, const void *buf, size_t len, uint64_t tag,
                             uint64_t data, mc_transport_ctx_t *ctx) {
-  ssize_t rc = fi_tsenddata(t->ep, buf, len, NULL, data, t->peers[peer], tag, ctx);
+  CTX_STRIPE(ctx) = NULL;
+  if (stripes(t, peer, len, tag))
+    return stripe_start(t, true, peer, (void *)buf, len, tag, data, ctx);
+  ssize_t rc = fi_tsenddata(t->ep, buf, len, NULL, data, t->peers[peer * t->nstreams], tag, ctx);
   if (rc == -FI_EAGAIN || rc == -FI_ENOMEM) /* queue or shm entry pool full: retry later */
     return MC_ERR_TIMEOUT;
   if (rc) {
@@ -223,7 +474,10 @@ static mc_status_t ofi_send(mc_transport_t *t, int peer, const void *buf, size_t
 
 static mc_status_t ofi_recv(mc_transport_t *t, int peer, void *buf, size_t len, uint64_t tag,
                             mc_transport_ctx_t *ctx) {
-  fi_addr_t src = peer < 0 ? FI_ADDR_UNSPEC : t->peers[peer];
+  CTX_STRIPE(ctx) = NULL;
+  if (stripes(t, peer, len, tag))
+    return stripe_start(t, false, peer, buf, len, tag, 0, ctx);
+  fi_addr_t src = peer < 0 ? FI_ADDR_UNSPEC : t->peers[peer * t->nstreams];
   CTX_PEER(ctx) = (void *)(intptr_t)peer;
   ssize_t rc = fi_trecv(t->ep, buf, len, NULL, src, tag, 0, ctx);
   if (rc == -FI_EAGAIN || rc == -FI_ENOMEM) /* queue or shm entry pool full: retry later */
@@ -241,7 +495,7 @@ static void ring_sender(mc_transport_t *t, void *op_context) {
     ring(t, (int)(intptr_t)CTX_PEER((mc_transport_ctx_t *)op_context));
 }
 
-static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
+static int cq_poll(mc_transport_t *t, mc_completion_t *out, int max) {
   struct fi_cq_tagged_entry e[32];
   if (max > 32)
     max = 32;
@@ -281,9 +535,42 @@ static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
   return 1;
 }
 
-static void ofi_cancel(mc_transport_t *t, mc_transport_ctx_t *ctx) { fi_cancel(&t->ep->fid, ctx); }
+/* Completions for the engine: striped transfers' pieces are absorbed here. */
+static int ofi_poll(mc_transport_t *t, mc_completion_t *out, int max) {
+  if (!t->live && !t->nready)
+    return cq_poll(t, out, max);
+  if (t->unposted)
+    post_unposted(t);
+  for (;;) {
+    int n = take_ready(t, out, max);
+    if (n == max)
+      return n;
+    int m = cq_poll(t, out + n, max - n), kept = n;
+    for (int i = n; i < n + m; i++) {
+      if (IS_PIECE(out[i].ctx))
+        piece_done(t, (struct piece *)((char *)out[i].ctx - 1), out[i].status, out[i].len,
+                   out[i].data, out[i].status == MC_OK);
+      else
+        out[kept++] = out[i];
+    }
+    kept += take_ready(t, out + kept, max - kept);
+    if (kept > 0 || m == 0)
+      return kept;
+  }
+}
+
+static void ofi_cancel(mc_transport_t *t, mc_transport_ctx_t *ctx) {
+  struct stripe *s = CTX_STRIPE(ctx);
+  if (s) {
+    stripe_cancel(t, s);
+    stripe_settle(t, s);
+  } else
+    fi_cancel(&t->ep->fid, ctx);
+}
 
 static bool ofi_prepare_sleep(mc_transport_t *t, int *fd, int *backstop_us) {
+  if (t->unposted || t->nready)
+    return false; /* pieces wait for queue space, or completions for poll */
   if (t->cq_fd >= 0) {
     struct fid *f = &t->cq->fid;
     *fd = t->cq_fd;

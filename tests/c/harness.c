@@ -34,6 +34,13 @@ typedef struct {
 
 static shared_store_t *shared;
 static store_ctx_t default_ctx;
+static void (*on_fork)(int rank, void *arg);
+static void *on_fork_arg;
+
+void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg) {
+  on_fork = fn;
+  on_fork_arg = arg;
+}
 
 static int find(const char *key) {
   for (int i = 0; i < shared->nkeys; i++)
@@ -185,8 +192,11 @@ int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s) {
   fflush(NULL);
   for (int r = 0; r < size; r++) {
     pids[r] = fork();
-    if (pids[r] == 0)
+    if (pids[r] == 0) {
+      if (on_fork)
+        on_fork(r, on_fork_arg);
       _exit(run_rank(r, size, body, arg));
+    }
   }
   int failed = 0, left = size;
   struct timespec start, now;

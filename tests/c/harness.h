@@ -14,6 +14,10 @@ typedef int (*mc_test_body_t)(mc_comm_t *comm, void *arg);
  * rank returned 0 and exited within timeout_s seconds; stragglers are killed. */
 int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s);
 
+/* Called in each forked rank before its communicator is created (e.g. to enter a network
+ * namespace); NULL: nothing. */
+void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg);
+
 /* The shared store, for ranks that create further communicators. `prefix` keeps their keys
  * apart. */
 void mc_harness_store(mc_store_t *out, const char *prefix);
