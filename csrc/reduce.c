@@ -386,6 +386,37 @@ void mc_reduce_local(void *dst, const void *src, size_t count, mc_dtype_t dtype,
     reduce_table[dtype][op](dst, src, count);
 }
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+/* glibc copies 2-256 KiB with `rep movsb`, which ran at about 1 GB/s on this project's VMs
+ * (against 11-30 GB/s for this loop, measured side by side); other sizes go to memcpy. */
+static void copy_sse2(char *restrict d, const char *restrict s, size_t n) {
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
+    __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
+    __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
+    __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
+    _mm_storeu_si128((__m128i *)(d + i), a);
+    _mm_storeu_si128((__m128i *)(d + i + 16), b);
+    _mm_storeu_si128((__m128i *)(d + i + 32), c);
+    _mm_storeu_si128((__m128i *)(d + i + 48), e);
+  }
+  memcpy(d + i, s + i, n - i);
+}
+#endif
+
+void mc_copy(void *dst, const void *src, size_t n) {
+#if defined(__x86_64__)
+  if (n >= 2048 && n < 262144) {
+    copy_sse2(dst, src, n);
+    return;
+  }
+#endif
+  if (n)
+    memcpy(dst, src, n);
+}
+
 /* acc[i] = acc[i] op b[i] in float32, for the 16-bit types' n-ary reduction. */
 static void float_combine(float *restrict acc, const float *restrict y, size_t n, mc_redop_t op) {
   switch (op) {
@@ -454,7 +485,7 @@ void mc_reduce_many(void *dst, const void *const *srcs, int nsrc, size_t count, 
     size_t n = count - base < block ? count - base : block;
     char *d = (char *)dst + base * esz;
     if (srcs[first] != dst)
-      memcpy(d, (const char *)srcs[first] + base * esz, n * esz);
+      mc_copy(d, (const char *)srcs[first] + base * esz, n * esz);
     for (int k = 0; k < nsrc; k++)
       if (k != first)
         fn(d, (const char *)srcs[k] + base * esz, n);

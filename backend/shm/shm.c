@@ -348,22 +348,22 @@ static void copy_in(mc_shm_t *s, mc_request_t *req, chunk_t c) {
         mc_load_input(req, elem(slot, (size_t)i * c.len, esz),
                       elem(req->in, (size_t)i * req->count + c.base, esz), c.len);
     break;
-  case MC_OP_ALLGATHER: memcpy(slot, elem(req->in, c.base, esz), c.len * esz); break;
+  case MC_OP_ALLGATHER: mc_copy(slot, elem(req->in, c.base, esz), c.len * esz); break;
   case MC_OP_REDUCE: mc_load_input(req, slot, elem(req->in, c.base, esz), c.len); break;
   case MC_OP_GATHER:
     if (s->me != req->root)
-      memcpy(slot, elem(req->in, c.base, esz), c.len * esz);
+      mc_copy(slot, elem(req->in, c.base, esz), c.len * esz);
     break;
   case MC_OP_SCATTER:
   case MC_OP_ALLTOALL: /* block i of the chunk: what rank i gets */
     for (int i = 0; i < s->n; i++)
       if (i != s->me && (req->kind == MC_OP_ALLTOALL || s->me == req->root))
-        memcpy(elem(slot, (size_t)i * c.len, esz),
-               elem(req->in, (size_t)i * req->count + c.base, esz), c.len * esz);
+        mc_copy(elem(slot, (size_t)i * c.len, esz),
+                elem(req->in, (size_t)i * req->count + c.base, esz), c.len * esz);
     break;
   case MC_OP_BROADCAST:
     if (s->me == req->root)
-      memcpy(slot, elem(req->out, c.base, esz), c.len * esz);
+      mc_copy(slot, elem(req->out, c.base, esz), c.len * esz);
     break;
   default: break;
   }
@@ -423,7 +423,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
       size_t off = slice_offset(c.len, s->n, s->me), cnt = slice_count(c.len, s->n, s->me);
       char *dst = elem(req->out, c.base + off, esz);
       reduce_from(s, req, dst, elem(req->in, c.base + off, esz), off, cnt, c.t);
-      memcpy(elem(red_of(s->self_base, s->slot_bytes, c.t), off, esz), dst, cnt * esz);
+      mc_copy(elem(red_of(s->self_base, s->slot_bytes, c.t), off, esz), dst, cnt * esz);
       publish(s, &s->self->reduced, c.t);
       return PH_REDUCED;
     }
@@ -439,13 +439,13 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
       const char *src = r == s->me ? elem(req->in, c.base, esz)
                                    : slot_of((char *)s->peer[r].base, s->slot_bytes, c.t);
       if (dst != src && c.len)
-        memcpy(dst, src, c.len * esz);
+        mc_copy(dst, src, c.len * esz);
     }
     break;
   case MC_OP_BROADCAST:
     if (s->me != req->root && c.len)
-      memcpy(elem(req->out, c.base, esz),
-             slot_of((char *)s->peer[req->root].base, s->slot_bytes, c.t), c.len * esz);
+      mc_copy(elem(req->out, c.base, esz),
+              slot_of((char *)s->peer[req->root].base, s->slot_bytes, c.t), c.len * esz);
     break;
   case MC_OP_REDUCE:
     if (s->me == req->root)
@@ -457,7 +457,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
       const char *src = r == s->me ? elem(req->in, c.base, esz)
                                    : slot_of((char *)s->peer[r].base, s->slot_bytes, c.t);
       if (dst != src && c.len)
-        memcpy(dst, src, c.len * esz);
+        mc_copy(dst, src, c.len * esz);
     }
     break;
   case MC_OP_SCATTER: {
@@ -466,7 +466,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
                           : elem(slot_of((char *)s->peer[req->root].base, s->slot_bytes, c.t),
                                  (size_t)s->me * c.len, esz);
     if (elem(req->out, c.base, esz) != src && c.len)
-      memcpy(elem(req->out, c.base, esz), src, c.len * esz);
+      mc_copy(elem(req->out, c.base, esz), src, c.len * esz);
     break;
   }
   case MC_OP_ALLTOALL:
@@ -476,7 +476,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
                                    : elem(slot_of((char *)s->peer[r].base, s->slot_bytes, c.t),
                                           (size_t)s->me * c.len, esz);
       if (dst != src && c.len)
-        memcpy(dst, src, c.len * esz);
+        mc_copy(dst, src, c.len * esz);
     }
     break;
   default: break;
@@ -492,9 +492,9 @@ static void on_reduced(mc_shm_t *s, mc_request_t *req, chunk_t c) {
     if (r == s->me)
       continue;
     size_t off = slice_offset(c.len, s->n, r);
-    memcpy(elem(req->out, c.base + off, esz),
-           elem(red_of((char *)s->peer[r].base, s->slot_bytes, c.t), off, esz),
-           slice_count(c.len, s->n, r) * esz);
+    mc_copy(elem(req->out, c.base + off, esz),
+            elem(red_of((char *)s->peer[r].base, s->slot_bytes, c.t), off, esz),
+            slice_count(c.len, s->n, r) * esz);
   }
   publish(s, &s->self->released, c.t);
 }

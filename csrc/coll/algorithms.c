@@ -63,7 +63,7 @@ void mc_load_input(const mc_request_t *req, void *dst, const void *in, size_t co
                                       req->kind == MC_OP_REDUCE_SCATTER))
     mc_premul(dst, in, count, req->dtype, req->factor);
   else if (dst != in && count)
-    memcpy(dst, in, count * mc_dtype_size(req->dtype));
+    mc_copy(dst, in, count * mc_dtype_size(req->dtype));
 }
 
 static void setup_reduce(mc_request_t *req, size_t bytes, size_t esz) {

@@ -781,6 +781,28 @@ static void test_reduce_many(const char *path) {
   }
 }
 
+/* mc_copy at sizes on both sides of its own loop's range, misaligned, with guard bytes. */
+static void test_copy(void) {
+  static const size_t sizes[] = {0,        1,     63,     2047,   2048,  2049,
+                                 4096 + 7, 65536, 262143, 262144, 300001};
+  for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++)
+    for (size_t off = 0; off < 3; off++) {
+      size_t n = sizes[i];
+      unsigned char *src = malloc(n + 8), *dst = malloc(n + 8 + GUARD);
+      for (size_t k = 0; k < n + 8; k++)
+        src[k] = (unsigned char)rng();
+      memset(dst, 0xa5, n + 8 + GUARD);
+      mc_copy(dst + off, src + 1, n);
+      int guard_ok = 1;
+      for (size_t k = 0; k < GUARD; k++)
+        guard_ok &= dst[off + n + k] == 0xa5;
+      CHECK(memcmp(dst + off, src + 1, n) == 0 && guard_ok, "mc_copy %zu bytes at offset %zu", n,
+            off);
+      free(src);
+      free(dst);
+    }
+}
+
 int main(void) {
   test_tables();
   int hardware = mc_reduce_use_f16c(1);
@@ -795,6 +817,7 @@ int main(void) {
     test_reduce_many(paths[p]);
   }
   test_complex();
+  test_copy();
   if (failures) {
     printf("test_reduce: %ld of %ld checks FAILED\n", failures, checks);
     return 1;
