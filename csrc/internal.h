@@ -209,7 +209,9 @@ void mc_load_input(const mc_request_t *req, void *dst, const void *in, size_t co
 void mc_describe_signature(uint64_t sig, char *out, size_t len);
 void mc_sched_start(mc_request_t *req); /* first step, or completion */
 void mc_sched_xfer_done(mc_xfer_t *x, const mc_completion_t *c);
-void mc_sched_repost(mc_request_t *req);   /* retry posts that got EAGAIN */
+void mc_sched_repost(mc_request_t *req); /* retry posts that got EAGAIN */
+/* Completes a request whose schedule ran to its end: success, or the mismatch it recorded. */
+void mc_sched_finish(mc_request_t *req);
 bool mc_algo_next_step(mc_request_t *req); /* fill the next step; false when finished */
 void mc_algo_setup(mc_request_t *req);     /* choose algorithm and scratch space */
 void mc_step_add(mc_request_t *req, bool is_send, int peer, void *buf, size_t len);

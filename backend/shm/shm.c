@@ -501,14 +501,7 @@ static void on_reduced(mc_shm_t *s, mc_request_t *req, chunk_t c) {
 
 static void finish(mc_shm_t *s, mc_request_t *req, uint64_t chunks_used) {
   s->next_t = req->shm.t0 + chunks_used;
-  mc_comm_t *comm = req->comm;
-  if (req->mismatch) {
-    char msg[MC_ERRLEN];
-    memcpy(msg, req->err, sizeof msg);
-    mc_request_complete(req, MC_ERR_MISMATCH, "rank %d: %s #%u on %s: %s", comm->rank,
-                        mc_op_name(req->kind), req->seq, comm->name, msg);
-  } else
-    mc_request_complete(req, MC_OK, NULL);
+  mc_sched_finish(req);
 }
 
 /* MC_FAULT injection point before each phase (fault.h): the phase number counts the phases

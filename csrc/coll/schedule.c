@@ -137,7 +137,7 @@ static void post_step(mc_request_t *req) {
   }
 }
 
-static void finish(mc_request_t *req) {
+void mc_sched_finish(mc_request_t *req) {
   mc_comm_t *comm = req->comm;
   if (req->mismatch) {
     char msg[MC_ERRLEN];
@@ -170,7 +170,7 @@ static void advance(mc_request_t *req) {
     req->red_dst = NULL;
     req->red_base = NULL;
     if (!mc_algo_next_step(req)) {
-      finish(req);
+      mc_sched_finish(req);
       return;
     }
     if (req->nxfers) {
