@@ -222,6 +222,7 @@ out:
  * connects it to the other members' (warm_standby). */
 static void *open_standby(void *arg) {
   mc_comm_t *comm = arg;
+  pthread_setname_np(pthread_self(), "mc-standby");
   char err[160];
   mc_transport_t *t = NULL;
   if (open_endpoint(comm, comm->epoch + 1, &t, err, sizeof err) != MC_OK)
@@ -243,9 +244,28 @@ static void start_standby(mc_comm_t *comm) {
   comm->standby_running = pthread_create(&comm->standby_thread, NULL, open_standby, comm) == 0;
 }
 
+/* The standby opens once the communicator has completed an operation, not as soon as it
+ * exists: opening an endpoint costs ~15 ms of CPU, which on a loaded host competed with the
+ * ranks still finishing the same creation or shrink (and with the first collective after it). */
+void mc_comm_allow_standby(mc_comm_t *comm) { atomic_store(&comm->standby_started, false); }
+
+void mc_comm_op_succeeded(mc_comm_t *comm) {
+  if (atomic_load(&comm->standby_started))
+    return;
+  pthread_mutex_lock(&comm->lock);
+  if (!atomic_load(&comm->standby_started)) {
+    atomic_store(&comm->standby_started, true);
+    start_standby(comm);
+  }
+  pthread_mutex_unlock(&comm->lock);
+}
+
 /* The standby endpoint, once its thread is done. A shrink waits for the pre-connection to
  * finish (failed members are skipped); destroy stops it. */
 static mc_transport_t *take_standby(mc_comm_t *comm, bool stop) {
+  pthread_mutex_lock(&comm->lock);
+  atomic_store(&comm->standby_started, true); /* none starts from here on */
+  pthread_mutex_unlock(&comm->lock);
   if (comm->standby_running) {
     if (stop) {
       atomic_store(&comm->standby_stop, true);
@@ -277,6 +297,7 @@ static mc_comm_t *comm_new(int rank, int size, int lineage_size, const char *nam
   comm->lineage_size = lineage_size;
   comm->timeout_ms = timeout_ms;
   comm->wake_fd = comm->kick_timer_fd = -1;
+  atomic_store(&comm->standby_started, true); /* until mc_comm_allow_standby */
   snprintf(comm->name, sizeof comm->name, "%s", name);
   pthread_mutex_init(&comm->lock, NULL);
   pthread_mutex_init(&comm->progress_mu, NULL);
@@ -474,7 +495,7 @@ mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int 
     comm_free(comm);
     return st;
   }
-  start_standby(comm);
+  mc_comm_allow_standby(comm); /* after connect_all's internal barrier */
   MC_LOG(MC_LOG_INFO, rank, "communicator %s: %d ranks over %s, id %016llx", comm->name, size,
          comm->provider, (unsigned long long)comm->id);
   *out = comm;
@@ -652,7 +673,7 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
    * caller sees it at its next operation and shrinks again. */
   int64_t t_exchanged = mc_now_ns();
   connect_all(nc);
-  start_standby(nc);
+  mc_comm_allow_standby(nc);
   MC_LOG(MC_LOG_INFO, nc->rank,
          "communicator %s: shrunk from %d to %d ranks in %.1f ms (agreement %.1f, standby and "
          "addresses "

@@ -681,6 +681,7 @@ static void tick(mc_ctrl_t *c, int64_t now, int64_t since_last_tick) {
 
 static void *ctrl_main(void *arg) {
   mc_ctrl_t *c = arg;
+  pthread_setname_np(pthread_self(), "mc-ctrl"); /* names shown by top -H, gdb, perf */
   const int64_t hb = (int64_t)c->heartbeat_ms * 1000000;
   int64_t last_tick = mc_now_ns(), next_tick = last_tick + hb;
   struct epoll_event evs[32];

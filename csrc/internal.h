@@ -138,6 +138,9 @@ struct mc_comm {
   mc_transport_t *standby; /* the endpoint a shrink will use, opened in the background */
   pthread_t standby_thread;
   bool standby_running;
+  /* set (under lock) once the standby thread may no longer start: it starts at the first
+   * successful operation after creation or shrink (mc_comm_op_succeeded) */
+  atomic_bool standby_started;
   atomic_bool standby_stop;  /* the standby thread stops connecting it (destroy) */
   atomic_bool standby_ready; /* the standby thread is done (tests and benchmarks wait for it) */
   const mc_transport_ops_t *tops;
@@ -185,6 +188,8 @@ void mc_request_complete(mc_request_t *req, mc_status_t st, const char *fmt, ...
 void mc_request_release(mc_request_t *req);
 int64_t mc_now_ns(void);
 bool mc_comm_standby_ready(mc_comm_t *comm);
+void mc_comm_op_succeeded(mc_comm_t *comm);
+void mc_comm_allow_standby(mc_comm_t *comm);
 
 /* progress (progress.c) */
 mc_status_t mc_progress_start(mc_comm_t *comm);

@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* pthread_setname_np */
 /* The progress thread: one per communicator. It owns every transport call, runs the
  * schedules, enforces deadlines, and sleeps on file descriptors when there is nothing to do. */
 #include <errno.h>
@@ -339,6 +340,7 @@ static bool progress_pass(mc_comm_t *comm, int64_t *nearest, bool *stop) {
 
 static void *progress_main(void *arg) {
   mc_comm_t *comm = arg;
+  pthread_setname_np(pthread_self(), "mc-progress");
   const int64_t spin_ns = comm->spin_ns;
   int64_t idle_since = mc_now_ns();
   for (;;) {

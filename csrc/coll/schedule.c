@@ -145,6 +145,7 @@ void mc_sched_finish(mc_request_t *req) {
     mc_request_complete(req, MC_ERR_MISMATCH, "rank %d: %s #%u on %s: %s", comm->rank,
                         mc_op_name(req->kind), req->seq, comm->name, msg);
   } else {
+    mc_comm_op_succeeded(comm); /* before the caller may destroy the communicator */
     mc_request_complete(req, MC_OK, NULL);
   }
 }

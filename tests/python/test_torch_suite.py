@@ -29,9 +29,11 @@ def results(tmp_path_factory):
     pytest.importorskip("expecttest", reason="torch's suite needs expecttest (ci/bootstrap.sh)")
     xml = tmp_path_factory.mktemp("suite") / "mooncake-2.xml"
     env = dict(os.environ, BACKEND="mooncake", WORLD_SIZE="2", OMP_NUM_THREADS="1",
-               DISTRIBUTED_TESTS_DEFAULT_TIMEOUT="90")
+               DISTRIBUTED_TESTS_DEFAULT_TIMEOUT="90",
+               MC_LOG_LEVEL=os.environ.get("MC_LOG_LEVEL", "info"))
+    # junit_logging=all: a failure keeps what the ranks printed (engine log, native backtrace)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
-           "junit_logging=no", f"--junitxml={xml}"]
+           "junit_logging=all", f"--junitxml={xml}"]
     cmd += [f"run_suite.py::TestDistBackendWithSpawn::{n}" for n in PASS_LIST]
     proc = subprocess.run(cmd, cwd=SUITE, env=env, capture_output=True, text=True, timeout=1800)
     assert xml.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -39,8 +41,12 @@ def results(tmp_path_factory):
     for case in ET.parse(xml).getroot().iter("testcase"):
         bad = next((case.find(t) for t in ("failure", "error", "skipped")
                     if case.find(t) is not None), None)
-        out[case.get("name")] = "pass" if bad is None else \
-            f"{bad.tag}: {(bad.get('message') or bad.text or '')[:2000]}"
+        if bad is None:
+            out[case.get("name")] = "pass"
+            continue
+        logs = "".join(f"\n--- {t} (tail) ---\n{(case.find(t).text or '')[-4000:]}"
+                       for t in ("system-out", "system-err") if case.find(t) is not None)
+        out[case.get("name")] = f"{bad.tag}: {(bad.text or bad.get('message') or '')[-6000:]}{logs}"
     return out
 
 
