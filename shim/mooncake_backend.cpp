@@ -294,7 +294,7 @@ void Completer::push(uint64_t seq, c10::intrusive_ptr<MooncakeWork> work) {
   {
     std::lock_guard<std::mutex> g(mu_);
     arrived_.emplace(seq, std::move(work));
-    bool released = false;
+    bool released = false, queued = false;
     while (!arrived_.empty() && arrived_.begin()->first == next_) {
       auto w = std::move(arrived_.begin()->second);
       arrived_.erase(arrived_.begin());
@@ -311,10 +311,15 @@ void Completer::push(uint64_t seq, c10::intrusive_ptr<MooncakeWork> work) {
         inline_.push_back(std::move(w)); // no threads any more
       } else {
         (w->nested_ ? nested_ : lane_).push_back(std::move(w));
+        queued = true;
       }
     }
     if (released) {
       releasedCv_.notify_all();
+    }
+    // Only queued work wakes the completion threads: a waited work is its waiter's, and waking
+    // them for nothing cost two context switches per blocking operation.
+    if (queued) {
       const bool runnable = !nested_.empty() || (!laneBusy_ && !lane_.empty());
       if (runnable && idle_ == 0 && static_cast<int>(threads_.size()) < kMaxThreads && !stopping_) {
         spawnLocked(); // every thread is inside a (possibly blocking) callback
