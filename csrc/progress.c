@@ -326,6 +326,7 @@ static bool progress_pass(mc_comm_t *comm, int64_t *nearest, bool *stop) {
     mc_sched_repost(req);
   bool busy = take_incoming(comm);
   if (broken != MC_OK) {
+    mc_shm_leave(comm, broken, why);
     quiesce(comm); /* again: transfers may have been posted since the break */
     fail_all_active(comm, broken == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : broken, why);
     close_transport(comm); /* after the reports: nothing in flight touches their buffers */

@@ -19,6 +19,8 @@ mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen);
 void mc_shm_destroy(mc_comm_t *comm);
 /* Removes this rank's names now (peers that have not attached yet never will). */
 void mc_shm_unlink(mc_comm_t *comm);
+/* The communicator is revoked or being destroyed: peers stop waiting for this rank. */
+void mc_shm_leave(mc_comm_t *comm, mc_status_t st, const char *why);
 
 /* Operations the shm path runs (the algorithm choice, coll/select.c, decides which do). */
 bool mc_shm_supports(int kind);

@@ -152,11 +152,13 @@ static mc_status_t ofi_open(const mc_transport_params_t *p, mc_transport_t **out
   if (*iface)
     hints->domain_attr->name = strdup(iface);
   setenv("FI_OFI_RXM_ENABLE_DYN_RBUF", "0", 0); /* else a truncated recv drops the tcp link */
-  /* rxm's default (128 bounce buffers of 16 KiB per connection) makes fi_enable fault in
-   * ~70 MB (50 ms of CPU) and fi_close free it (8 ms): on 2 cores, 8 ranks opening the
-   * standby and closing the broken endpoint made a shrink wait 20-40 ms for the CPU. 32 costs
-   * 18 MB and 14 ms, closes in 0.2 ms, and fills a tcp link as well (docs/performance.md). */
-  setenv("FI_OFI_RXM_MSG_RX_SIZE", "32", 0);
+  /* rxm over tcp posts a shared pool of 4096 bounce buffers of 16 KiB by default: fi_enable
+   * faulted in ~70 MB (50 ms of CPU) and fi_close freed it (8 ms). On 2 cores, 8 ranks opening
+   * their standby and closing the broken endpoint made a shrink wait 20-40 ms for the CPU.
+   * 1024 buffers: 18 MB, 19 ms, closed in 0.2 ms, and p2p over tcp as fast (32 was 25-45 %
+   * slower for 2-16 MiB sendrecv between namespaces). Over tcp only: verbs sizes its own. */
+  if (strstr(prov, "tcp"))
+    setenv("FI_OFI_RXM_MSG_RX_SIZE", "1024", 0);
   int rc = fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &t->info);
   fi_freeinfo(hints);
   if (rc || !t->info) {

@@ -16,6 +16,11 @@
  * two syncs); reduce_scatter (each rank reduces its block from the peers' slots); allgather and
  * broadcast (copy from the peers' slots); barrier (flags only).
  *
+ * Leaving: a rank whose communicator breaks (revoke, failure, destroy) sets `revoked`. A
+ * peer still waiting for a chunk that rank had not released fails at once instead of using
+ * flags and slots the rank abandoned (a stopped rank that resumes after the others gave up
+ * on an operation must not run it against their leftovers).
+ *
  * Sleeping: a waiting rank spins briefly (the progress loop), then sets its `sleeping` flag
  * and blocks in poll() on a FIFO; a rank that sets a flag writes a byte to every sleeping
  * peer's FIFO. Both sides check after writing, so no wake-up is lost. */
@@ -44,6 +49,10 @@ typedef struct {
   _Alignas(64) _Atomic uint64_t reduced;
   _Alignas(64) _Atomic uint64_t released;
   _Alignas(64) _Atomic uint32_t sleeping;
+  _Atomic uint32_t revoked; /* set once its communicator is revoked or destroyed: no flag moves
+                               again, and whatever chunk it had not released it abandoned */
+  int32_t left_status;      /* why, written before `revoked` */
+  char left_why[256];
   _Alignas(64) uint64_t sig[2]; /* signature of the operation whose chunk is in slot[i] */
   uint64_t magic;
   uint64_t slot_bytes;
@@ -169,6 +178,7 @@ void mc_shm_destroy(mc_comm_t *comm) {
   if (!s)
     return;
   unlink_names(s);
+  mc_shm_leave(comm, MC_ERR_REVOKED, "it destroyed the communicator");
   for (int r = 0; r < s->n; r++) {
     if (r != s->me && s->peer[r].base)
       munmap((void *)s->peer[r].base, s->map_bytes);
@@ -209,7 +219,9 @@ static mc_status_t attach(mc_comm_t *comm, char *err, size_t errlen) {
                r, seg);
       return MC_ERR_INVALID;
     }
-    if ((s->peer[r].wake_fd = open(wake, O_WRONLY | O_NONBLOCK | O_CLOEXEC)) < 0) {
+    /* read-write, though this rank only writes: a FIFO with no reader left (its owner died)
+     * would answer a write with SIGPIPE, which kills a process that does not ignore it */
+    if ((s->peer[r].wake_fd = open(wake, O_RDWR | O_NONBLOCK | O_CLOEXEC)) < 0) {
       snprintf(err, errlen, "cannot open rank %d's wake-up FIFO %s: %s", r, wake, strerror(errno));
       return MC_ERR_PEER_FAILED;
     }
@@ -289,14 +301,40 @@ static bool peers_reached(const mc_shm_t *s, const mc_request_t *req) {
   return true;
 }
 
-static void publish(mc_shm_t *s, _Atomic uint64_t *f, uint64_t t) {
-  atomic_store(f, t); /* sequentially consistent: pairs with the sleeper's flag-then-check */
+static void wake_sleepers(mc_shm_t *s) {
   for (int r = 0; r < s->n; r++)
-    if (r != s->me && atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->sleeping)) {
+    if (r != s->me && s->peer[r].wake_fd >= 0 &&
+        atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->sleeping)) {
       char one = 1;
       ssize_t w = write(s->peer[r].wake_fd, &one, 1);
       (void)w; /* a full FIFO is already a wake-up */
     }
+}
+
+static void publish(mc_shm_t *s, _Atomic uint64_t *f, uint64_t t) {
+  atomic_store(f, t); /* sequentially consistent: pairs with the sleeper's flag-then-check */
+  wake_sleepers(s);
+}
+
+/* The peer that left while this request still needs its chunk, or -1. */
+static int abandoned_by(const mc_shm_t *s, const mc_request_t *req) {
+  uint64_t t = req->shm.phase == PH_START ? awaited(req) : req->shm.t0 + req->shm.chunk;
+  for (int r = 0; r < s->n; r++)
+    if (r != s->me && atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->revoked) &&
+        flag(s->peer[r].hdr, offsetof(shm_header_t, released)) < t)
+      return r;
+  return -1;
+}
+
+void mc_shm_leave(mc_comm_t *comm, mc_status_t st, const char *why) {
+  mc_shm_t *s = comm->shm;
+  if (!s || atomic_load(&s->self->revoked))
+    return;
+  s->self->left_status = st == MC_ERR_TIMEOUT ? MC_ERR_REVOKED : st;
+  snprintf(s->self->left_why, sizeof s->self->left_why, "%s", why);
+  atomic_store(&s->self->revoked, 1); /* publishes the reason */
+  if (s->attached)
+    wake_sleepers(s); /* peers waiting on this rank's flags look again */
 }
 
 /* ---- the chunk phases ---- */
@@ -523,6 +561,17 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
   bool moved = false;
   while (!atomic_load(&req->done)) {
     chunk_t c = current_chunk(s, req);
+    int gone = abandoned_by(s, req);
+    if (gone >= 0) { /* with the reason it gave, often before this rank's own control plane */
+      const shm_header_t *h = s->peer[gone].hdr;
+      mc_status_t st = h->left_status == MC_ERR_PEER_FAILED ? MC_ERR_PEER_FAILED : MC_ERR_REVOKED;
+      char why[MC_ERRLEN];
+      snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: rank %d gave it up: %.255s", s->me,
+               mc_op_name(req->kind), req->seq, req->comm->name, gone, h->left_why);
+      mc_comm_revoke_local(req->comm, st, why);
+      mc_request_complete(req, st, "%s", why);
+      return true;
+    }
     if (!peers_reached(s, req))
       return moved;
     moved = true;
@@ -599,7 +648,7 @@ bool mc_shm_prepare_sleep(mc_comm_t *comm, int *fd) {
   if (!req || !req->shm.started)
     return true;
   atomic_store(&s->self->sleeping, 1);
-  if (peers_reached(s, req)) {
+  if (peers_reached(s, req) || abandoned_by(s, req) >= 0) {
     atomic_store(&s->self->sleeping, 0);
     return false;
   }
