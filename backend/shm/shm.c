@@ -566,7 +566,7 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
       const shm_header_t *h = s->peer[gone].hdr;
       mc_status_t st = h->left_status == MC_ERR_PEER_FAILED ? MC_ERR_PEER_FAILED : MC_ERR_REVOKED;
       char why[MC_ERRLEN];
-      snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: rank %d gave it up: %.255s", s->me,
+      snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: revoked by rank %d: %.255s", s->me,
                mc_op_name(req->kind), req->seq, req->comm->name, gone, h->left_why);
       mc_comm_revoke_local(req->comm, st, why);
       mc_request_complete(req, st, "%s", why);
