@@ -50,6 +50,8 @@ typedef enum {
   MC_ALGO_SHM, /* shared memory, the shm path picks the variant by size */
   MC_ALGO_SHM_FLAT,
   MC_ALGO_SHM_TWO_PHASE,
+  MC_ALGO_SHM_SLOTS, /* through the segment's slots (two copies), at any size */
+  MC_ALGO_SHM_CMA,   /* single copy from the peers' buffers (process_vm_readv), where it works */
 } mc_algo_t;
 
 /* One posted send or receive of a step. */
@@ -99,6 +101,7 @@ struct mc_request {
   bool on_shm; /* run by the shared-memory path (backend/shm), not by steps */
   struct {
     bool started;
+    bool cma; /* single copy from the peers' buffers instead of the slots */
     int algo, phase;
     uint64_t t0;          /* first chunk number */
     size_t chunk, chunks; /* current chunk, chunk count */
@@ -208,6 +211,7 @@ void mc_comm_revoke_local(mc_comm_t *comm, mc_status_t st, const char *why);
 
 /* schedules (coll/) */
 mc_algo_t mc_algo_choose(const mc_request_t *req);
+bool mc_algo_is_shm(mc_algo_t a);
 const char *mc_algo_config_error(void); /* MC_ALGO does not parse: why */
 /* Copies `in` into `dst` (count elements), scaled by the PREMUL_SUM factor if that is the op. */
 void mc_load_input(const mc_request_t *req, void *dst, const void *in, size_t count);

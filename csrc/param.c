@@ -23,6 +23,7 @@ static mc_param_t params[MC_PARAM_COUNT] = {
     [MC_PARAM_SHM] = {"MC_SHM", "1", 0},
     [MC_PARAM_SHM_SLOT_BYTES] = {"MC_SHM_SLOT_BYTES", "1048576", 0},
     [MC_PARAM_SHM_FLAT_MAX] = {"MC_SHM_FLAT_MAX", "65536", 0},
+    [MC_PARAM_SHM_CMA_MIN] = {"MC_SHM_CMA_MIN", "auto", 0},
     [MC_PARAM_ALGO] = {"MC_ALGO", "", 0},
     [MC_PARAM_OFI_STREAMS] = {"MC_OFI_STREAMS", "1", 0},
     [MC_PARAM_OFI_STRIPE_BYTES] = {"MC_OFI_STRIPE_BYTES", "262144", 0},

@@ -16,6 +16,16 @@
  * two syncs); reduce_scatter (each rank reduces its block from the peers' slots); allgather and
  * broadcast (copy from the peers' slots); barrier (flags only).
  *
+ * Single copy (CMA): from MC_SHM_CMA_MIN bytes on (cma_threshold), an operation skips the slots.
+ * Each rank publishes the addresses of its buffers with its arrival, and every rank reads what it
+ * needs straight from its peers' buffers with process_vm_readv (reductions through a small local
+ * piece buffer), then releases; an operation completes once every peer has released it
+ * (PH_DRAIN), since until then a peer may still be reading this rank's buffers. Whether the
+ * kernel lets a rank read its peers' memory is probed once, at attach (a random word each rank
+ * exposes); a rank publishes the result before its first arrival, so after the first operation
+ * every rank sees every result and all make the same choice (the first operation always uses
+ * the slots).
+ *
  * Leaving: a rank whose communicator breaks (revoke, failure, destroy) sets `revoked`. A
  * peer still waiting for a chunk that rank had not released fails at once instead of using
  * flags and slots the rank abandoned (a stopped rank that resumes after the others gave up
@@ -35,10 +45,13 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fault.h"
 #include "internal.h"
+#include "log.h"
 #include "reduce.h"
 
 #define SHM_MAGIC 0x6d63736d68ULL /* "mcshm" */
@@ -53,7 +66,11 @@ typedef struct {
                                again, and whatever chunk it had not released it abandoned */
   int32_t left_status;      /* why, written before `revoked` */
   char left_why[256];
-  _Alignas(64) uint64_t sig[2]; /* signature of the operation whose chunk is in slot[i] */
+  _Alignas(64) _Atomic uint32_t cma; /* CMA_YES: this rank can read every peer's memory */
+  int32_t pid;
+  uint64_t nonce, nonce_addr;     /* a random word, and its address in this rank's memory */
+  uint64_t buf_in[2], buf_out[2]; /* the operation's buffers, for the arrival in slot t % 2 */
+  _Alignas(64) uint64_t sig[2];   /* signature of the operation whose chunk is in slot[i] */
   uint64_t magic;
   uint64_t slot_bytes;
 } shm_header_t;
@@ -77,9 +94,14 @@ struct mc_shm {
   int wake_rd; /* own FIFO, opened read-write so that it never reports EOF */
   bool attached, unlinked;
   uint64_t next_t; /* chunk number the next operation starts at */
+  size_t cma_min;  /* bytes from which an operation reads its peers' buffers; 0: never */
+  int cma_all;     /* -1 until the first arrival, then whether every rank can (same on all) */
+  char *piece;     /* reductions' local copies of peer data: n - 1 pieces of piece_bytes */
+  size_t piece_bytes;
 };
 
-enum { PH_START, PH_ARRIVED, PH_REDUCED };
+enum { PH_START, PH_ARRIVED, PH_REDUCED, PH_DRAIN };
+enum { CMA_UNKNOWN, CMA_YES, CMA_NO };
 enum { ALG_FLAT = 1, ALG_TWO_PHASE };
 
 /* Layout after the header: slot[0], slot[1], red[0], red[1], each slot_bytes. */
@@ -96,6 +118,34 @@ static void names(const mc_comm_t *comm, int rank, char *seg, size_t seglen, cha
   snprintf(seg, seglen, "/mooncake-%016llx-%u-%d", id, comm->epoch, comm->members[rank]);
   snprintf(wake, wakelen, "/dev/shm/mooncake-%016llx-%u-%d.wake", id, comm->epoch,
            comm->members[rank]);
+}
+
+/* Are large buffers likely backed by 2 MiB pages: torch's THP_MEM_ALLOC_ENABLE=1 (its
+ * allocator advises them from 2 MiB on), or transparent huge pages "always"? */
+static bool huge_pages_likely(void) {
+  const char *torch = getenv("THP_MEM_ALLOC_ENABLE");
+  if (torch && atoi(torch) > 0)
+    return true;
+  char mode[128] = "";
+  FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+  if (f) {
+    if (!fgets(mode, sizeof mode, f))
+      mode[0] = 0;
+    fclose(f);
+  }
+  return strstr(mode, "[always]") != NULL;
+}
+
+/* MC_SHM_CMA_MIN: bytes from which operations read their peers' buffers, 0 for never. "auto":
+ * 2 MiB where huge pages are likely, else never. The kernel walks and pins each page of a
+ * process_vm_readv: with 4 KiB pages that made it 1.1-1.9x slower than the two copies through
+ * the slots on a 2-core VM, with 2 MiB pages 10-40 % faster (docs/performance.md). */
+static size_t cma_threshold(void) {
+  const char *v = mc_param_str(MC_PARAM_SHM_CMA_MIN);
+  if (!strcmp(v, "auto"))
+    return huge_pages_likely() ? (size_t)2 << 20 : 0;
+  long long bytes = strtoll(v, NULL, 10);
+  return bytes > 0 ? (size_t)bytes : 0;
 }
 
 mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
@@ -115,6 +165,8 @@ mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
     s->slot_bytes = 4096;
   s->slot_bytes &= ~(size_t)63;
   s->flat_max = (size_t)mc_param_int(MC_PARAM_SHM_FLAT_MAX);
+  s->cma_min = cma_threshold();
+  s->cma_all = -1;
   s->map_bytes = HEADER_BYTES + 4 * s->slot_bytes;
   s->wake_rd = -1;
   s->next_t = 1;
@@ -154,6 +206,11 @@ mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
   s->self = (shm_header_t *)s->self_base;
   s->self->magic = SHM_MAGIC;
   s->self->slot_bytes = s->slot_bytes;
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  s->self->pid = (int32_t)getpid();
+  s->self->nonce = ((uint64_t)ts.tv_nsec << 32 ^ (uint64_t)ts.tv_sec ^ (uintptr_t)s) | 1;
+  s->self->nonce_addr = (uintptr_t)&s->self->nonce;
   s->peer[s->me].hdr = s->self;
   s->peer[s->me].base = s->self_base;
   comm->shm = s;
@@ -187,10 +244,54 @@ void mc_shm_destroy(mc_comm_t *comm) {
   }
   munmap(s->self_base, s->map_bytes);
   close(s->wake_rd);
+  free(s->piece);
   free(s->peer);
   free(s->srcs);
   free(s);
   comm->shm = NULL;
+}
+
+/* Copies len bytes at addr in rank r's memory to dst; false with errno set if the kernel
+ * refused or the range is gone (the peer died or unmapped it). */
+static bool read_peer(const mc_shm_t *s, int r, void *dst, uint64_t addr, size_t len) {
+  while (len) {
+    struct iovec local = {dst, len}, remote = {(void *)(uintptr_t)addr, len};
+    ssize_t got = process_vm_readv(s->peer[r].hdr->pid, &local, 1, &remote, 1, 0);
+    if (got <= 0) {
+      if (got == 0)
+        errno = EFAULT;
+      return false;
+    }
+    dst = (char *)dst + got, addr += (uint64_t)got, len -= (size_t)got;
+  }
+  return true;
+}
+
+/* Can this rank read every peer's memory (same user, ptrace policy, seccomp, one pid
+ * namespace)? Read each peer's random word where it says it is. Published before this rank's
+ * first arrival. */
+static void probe_cma(const mc_comm_t *comm, mc_shm_t *s) {
+  uint32_t verdict = CMA_YES; /* MC_ALGO's shm_cma may ask for it at any size */
+  for (int r = 0; r < s->n && verdict == CMA_YES; r++) {
+    uint64_t word = 0;
+    if (r == s->me)
+      continue;
+    bool read = read_peer(s, r, &word, s->peer[r].hdr->nonce_addr, sizeof word);
+    if (!read || word != s->peer[r].hdr->nonce) {
+      MC_LOG(MC_LOG_INFO, comm->rank,
+             "communicator %s: cannot read rank %d's memory (process_vm_readv: %s): large "
+             "operations copy through the shared segment",
+             comm->name, r, read ? "another process answered" : strerror(errno));
+      verdict = CMA_NO;
+    }
+  }
+  if (verdict == CMA_YES) { /* a reduction's peer data, a piece per peer, stays in cache */
+    size_t per_peer = (size_t)512 * 1024 / (size_t)(s->n - 1);
+    s->piece_bytes = per_peer < 65536 ? 65536 : per_peer & ~(size_t)4095;
+    if (!(s->piece = aligned_alloc(64, (size_t)(s->n - 1) * s->piece_bytes)))
+      verdict = CMA_NO;
+  }
+  atomic_store(&s->self->cma, verdict);
 }
 
 /* Maps every peer's segment. They exist: a peer creates its segment before it publishes its
@@ -226,6 +327,7 @@ static mc_status_t attach(mc_comm_t *comm, char *err, size_t errlen) {
       return MC_ERR_PEER_FAILED;
     }
   }
+  probe_cma(comm, s);
   s->attached = true;
   return MC_OK;
 }
@@ -263,8 +365,14 @@ static void start(mc_shm_t *s, mc_request_t *req) {
   bool two_phase = req->algo == MC_ALGO_SHM_TWO_PHASE ||
                    (req->algo == MC_ALGO_SHM && req->count * esz > s->flat_max);
   req->shm.algo = req->kind == MC_OP_ALLREDUCE && two_phase ? ALG_TWO_PHASE : ALG_FLAT;
+  /* s->cma_all and the arguments are the same on every rank, so is the choice */
+  req->shm.cma = s->cma_all == 1 && req->kind != MC_OP_BARRIER && req->redop != MC_PREMUL_SUM &&
+                 (req->algo == MC_ALGO_SHM_CMA ||
+                  (req->algo == MC_ALGO_SHM && s->cma_min && req->count * esz >= s->cma_min));
+  if (req->shm.cma)
+    req->shm.algo = ALG_TWO_PHASE;
   req->shm.t0 = s->next_t;
-  req->shm.chunks = req->count ? (req->count + per - 1) / per : 1;
+  req->shm.chunks = req->count && !req->shm.cma ? (req->count + per - 1) / per : 1;
   if (req->kind == MC_OP_BARRIER)
     req->shm.chunks = 1;
   req->shm.chunk = 0;
@@ -275,9 +383,9 @@ static void start(mc_shm_t *s, mc_request_t *req) {
 /* ---- flags ---- */
 
 static size_t flag_offset(int phase) {
-  return phase == PH_START     ? offsetof(shm_header_t, released)
-         : phase == PH_ARRIVED ? offsetof(shm_header_t, arrived)
-                               : offsetof(shm_header_t, reduced);
+  return phase == PH_START || phase == PH_DRAIN ? offsetof(shm_header_t, released)
+         : phase == PH_ARRIVED                  ? offsetof(shm_header_t, arrived)
+                                                : offsetof(shm_header_t, reduced);
 }
 
 static uint64_t flag(const shm_header_t *h, size_t off) {
@@ -537,6 +645,175 @@ static void on_reduced(mc_shm_t *s, mc_request_t *req, chunk_t c) {
   publish(s, &s->self->released, c.t);
 }
 
+/* ---- single copy: the peers' buffers, read with process_vm_readv ---- */
+
+/* The request fails because rank r left (revoked or destroyed its communicator), with the
+ * reason it gave, which often arrives before this rank's own control plane learns of it. */
+static void fail_left(mc_shm_t *s, mc_request_t *req, int r) {
+  const shm_header_t *h = s->peer[r].hdr;
+  mc_status_t st = h->left_status == MC_ERR_PEER_FAILED ? MC_ERR_PEER_FAILED : MC_ERR_REVOKED;
+  char why[MC_ERRLEN];
+  snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: revoked by rank %d: %.255s", s->me,
+           mc_op_name(req->kind), req->seq, req->comm->name, r, h->left_why);
+  mc_comm_revoke_local(req->comm, st, why);
+  mc_request_complete(req, st, "%s", why);
+}
+
+static bool peer_left(const mc_shm_t *s, int r) {
+  return atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->revoked) != 0;
+}
+
+/* Rank r's buffer could not be read (errno says why): it left, or died. */
+static void fail_read(mc_shm_t *s, mc_request_t *req, int r) {
+  int err = errno;
+  if (peer_left(s, r)) {
+    fail_left(s, req, r);
+    return;
+  }
+  char why[MC_ERRLEN];
+  snprintf(why, sizeof why,
+           "rank %d: %s #%u on %s failed: cannot read rank %d's buffer (process_vm_readv: %s)",
+           s->me, mc_op_name(req->kind), req->seq, req->comm->name, r, strerror(err));
+  mc_comm_revoke_local(req->comm, MC_ERR_PEER_FAILED, why);
+  mc_request_complete(req, MC_ERR_PEER_FAILED, "%s", why);
+}
+
+/* After reading: a peer that left may have reused its buffers while they were read (it
+ * publishes `revoked` before it fails its operations), so the data cannot be trusted. */
+static bool reads_trusted(mc_shm_t *s, mc_request_t *req) {
+  for (int r = 0; r < s->n; r++)
+    if (r != s->me && peer_left(s, r)) {
+      fail_left(s, req, r);
+      return false;
+    }
+  return true;
+}
+
+static void cma_arrive(mc_shm_t *s, mc_request_t *req, uint64_t t) {
+  s->self->buf_in[t & 1] = (uintptr_t)req->in;
+  s->self->buf_out[t & 1] = (uintptr_t)req->out;
+  s->self->sig[t & 1] = req->signature;
+  publish(s, &s->self->arrived, t);
+}
+
+static uint64_t peer_in(const mc_shm_t *s, int r, uint64_t t) {
+  return s->peer[r].hdr->buf_in[t & 1];
+}
+static uint64_t peer_out(const mc_shm_t *s, int r, uint64_t t) {
+  return s->peer[r].hdr->buf_out[t & 1];
+}
+
+/* dst = the rank-order reduction of count elements: this rank's from own, each peer's from its
+ * input buffer at byte offset off, read a piece at a time into local memory. Returns the peer
+ * that could not be read, or -1. */
+static int reduce_peers(mc_shm_t *s, mc_request_t *req, char *dst, const char *own, size_t off,
+                        size_t count) {
+  size_t esz = mc_dtype_size(req->dtype), per = s->piece_bytes / esz;
+  uint64_t t = req->shm.t0;
+  for (size_t done = 0; done < count; done += per) {
+    size_t k = count - done < per ? count - done : per;
+    for (int r = 0, i = 0; r < s->n; r++) {
+      if (r == s->me) {
+        s->srcs[r] = own + done * esz;
+        continue;
+      }
+      char *piece = s->piece + (size_t)i++ * s->piece_bytes;
+      if (!read_peer(s, r, piece, peer_in(s, r, t) + off + done * esz, k * esz))
+        return r;
+      s->srcs[r] = piece;
+    }
+    mc_reduce_many(dst + done * esz, s->srcs, s->n, k, req->dtype, req->redop);
+    if (req->redop == MC_AVG)
+      mc_scale_div(dst + done * esz, k, req->dtype, s->n);
+  }
+  return -1;
+}
+
+static void copy_own(void *dst, const void *src, size_t bytes) {
+  if (dst != src && bytes)
+    mc_copy(dst, src, bytes);
+}
+
+/* PH_ARRIVED with every peer's buffer addresses published: read (and reduce) this rank's
+ * part. Returns the next phase, or -1 if the request failed. */
+static int cma_on_arrived(mc_shm_t *s, mc_request_t *req) {
+  size_t esz = mc_dtype_size(req->dtype), blk = req->count * esz;
+  uint64_t t = req->shm.t0;
+  int me = s->me, root = req->root, bad = -1;
+  char *out = req->out;
+  const char *in = req->in;
+  switch (req->kind) {
+  case MC_OP_ALLREDUCE: { /* reduce-scatter: this rank's slice of everyone's input */
+    size_t off = slice_offset(req->count, s->n, me) * esz;
+    bad = reduce_peers(s, req, out + off, in + off, off, slice_count(req->count, s->n, me));
+    break;
+  }
+  case MC_OP_REDUCE_SCATTER:
+    bad = reduce_peers(s, req, out, in + (size_t)me * blk, (size_t)me * blk, req->count);
+    break;
+  case MC_OP_REDUCE:
+    if (me == root)
+      bad = reduce_peers(s, req, out, in, 0, req->count);
+    break;
+  case MC_OP_ALLGATHER:
+  case MC_OP_GATHER:
+    for (int r = 0; r < s->n && bad < 0 && (req->kind == MC_OP_ALLGATHER || me == root); r++)
+      if (r == me)
+        copy_own(out + (size_t)r * blk, in, blk);
+      else if (!read_peer(s, r, out + (size_t)r * blk, peer_in(s, r, t), blk))
+        bad = r;
+    break;
+  case MC_OP_BROADCAST: /* the root's data is in its out */
+    if (me != root && !read_peer(s, root, out, peer_out(s, root, t), blk))
+      bad = root;
+    break;
+  case MC_OP_SCATTER:
+    if (me == root)
+      copy_own(out, in + (size_t)me * blk, blk);
+    else if (!read_peer(s, root, out, peer_in(s, root, t) + (size_t)me * blk, blk))
+      bad = root;
+    break;
+  case MC_OP_ALLTOALL:
+    for (int r = 0; r < s->n && bad < 0; r++)
+      if (r == me)
+        copy_own(out + (size_t)r * blk, in + (size_t)r * blk, blk);
+      else if (!read_peer(s, r, out + (size_t)r * blk, peer_in(s, r, t) + (size_t)me * blk, blk))
+        bad = r;
+    break;
+  default: break;
+  }
+  if (bad >= 0) {
+    fail_read(s, req, bad);
+    return -1;
+  }
+  if (!reads_trusted(s, req))
+    return -1;
+  if (req->kind == MC_OP_ALLREDUCE) {
+    publish(s, &s->self->reduced, t);
+    return PH_REDUCED;
+  }
+  publish(s, &s->self->released, t);
+  return PH_DRAIN;
+}
+
+/* PH_REDUCED (allreduce): allgather, each peer's reduced slice from its out. */
+static int cma_on_reduced(mc_shm_t *s, mc_request_t *req) {
+  size_t esz = mc_dtype_size(req->dtype);
+  uint64_t t = req->shm.t0;
+  for (int r = 0; r < s->n; r++) {
+    size_t off = slice_offset(req->count, s->n, r) * esz;
+    if (r != s->me && !read_peer(s, r, (char *)req->out + off, peer_out(s, r, t) + off,
+                                 slice_count(req->count, s->n, r) * esz)) {
+      fail_read(s, req, r);
+      return -1;
+    }
+  }
+  if (!reads_trusted(s, req))
+    return -1;
+  publish(s, &s->self->released, t);
+  return PH_DRAIN;
+}
+
 static void finish(mc_shm_t *s, mc_request_t *req, uint64_t chunks_used) {
   s->next_t = req->shm.t0 + chunks_used;
   mc_sched_finish(req);
@@ -562,14 +839,8 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
   while (!atomic_load(&req->done)) {
     chunk_t c = current_chunk(s, req);
     int gone = abandoned_by(s, req);
-    if (gone >= 0) { /* with the reason it gave, often before this rank's own control plane */
-      const shm_header_t *h = s->peer[gone].hdr;
-      mc_status_t st = h->left_status == MC_ERR_PEER_FAILED ? MC_ERR_PEER_FAILED : MC_ERR_REVOKED;
-      char why[MC_ERRLEN];
-      snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: revoked by rank %d: %.255s", s->me,
-               mc_op_name(req->kind), req->seq, req->comm->name, gone, h->left_why);
-      mc_comm_revoke_local(req->comm, st, why);
-      mc_request_complete(req, st, "%s", why);
+    if (gone >= 0) {
+      fail_left(s, req, gone);
       return true;
     }
     if (!peers_reached(s, req))
@@ -579,12 +850,21 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
       return true;
     switch (req->shm.phase) {
     case PH_START:
-      copy_in(s, req, c);
+      if (req->shm.cma)
+        cma_arrive(s, req, c.t);
+      else
+        copy_in(s, req, c);
       req->shm.phase = PH_ARRIVED;
       break;
     case PH_ARRIVED:
       if (!s->unlinked)
-        unlink_names(s); /* every peer has attached: no name needs to outlive a crash */
+        unlink_names(s);    /* every peer has attached: no name needs to outlive a crash */
+      if (s->cma_all < 0) { /* every rank probed before its first arrival */
+        s->cma_all = 1;
+        for (int r = 0; r < s->n; r++)
+          if (atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->cma) != CMA_YES)
+            s->cma_all = 0;
+      }
       if (req->shm.chunk == 0 && !signatures_agree(s, req, c.t)) {
         /* every rank sees a difference; each gives up after this chunk, flags consistent */
         publish(s, &s->self->reduced, c.t);
@@ -592,10 +872,20 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
         finish(s, req, 1);
         return true;
       }
-      req->shm.phase = on_arrived(s, req, c);
+      req->shm.phase = req->shm.cma ? cma_on_arrived(s, req) : on_arrived(s, req, c);
+      if (req->shm.phase < 0)
+        return true;
       break;
     case PH_REDUCED:
-      on_reduced(s, req, c);
+      if (req->shm.cma) {
+        if ((req->shm.phase = cma_on_reduced(s, req)) < 0)
+          return true;
+      } else {
+        on_reduced(s, req, c);
+        req->shm.phase = PH_START;
+      }
+      break;
+    case PH_DRAIN: /* every peer is done with this rank's buffers */
       req->shm.phase = PH_START;
       break;
     }

@@ -189,8 +189,7 @@ void mc_sched_start(mc_request_t *req) {
   req->signature = signature_of(req);
   req->step = 0;
   req->algo = mc_algo_choose(req);
-  if (req->algo == MC_ALGO_SHM || req->algo == MC_ALGO_SHM_FLAT ||
-      req->algo == MC_ALGO_SHM_TWO_PHASE) {
+  if (mc_algo_is_shm(req->algo)) {
     req->on_shm = true; /* the progress loop runs it (mc_shm_progress) */
     return;
   }

@@ -26,13 +26,23 @@ static const struct {
     {"shm", MC_ALGO_SHM},
     {"shm_flat", MC_ALGO_SHM_FLAT},
     {"shm_two_phase", MC_ALGO_SHM_TWO_PHASE},
+    {"shm_slots", MC_ALGO_SHM_SLOTS},
+    {"shm_cma", MC_ALGO_SHM_CMA},
 };
+
+bool mc_algo_is_shm(mc_algo_t a) {
+  return a == MC_ALGO_SHM || a == MC_ALGO_SHM_FLAT || a == MC_ALGO_SHM_TWO_PHASE ||
+         a == MC_ALGO_SHM_SLOTS || a == MC_ALGO_SHM_CMA;
+}
 
 /* the algorithms each kind has */
 static bool offers(mc_op_kind_t kind, mc_algo_t a) {
-  bool shm = a == MC_ALGO_SHM || a == MC_ALGO_SHM_FLAT || a == MC_ALGO_SHM_TWO_PHASE;
+  if (a == MC_ALGO_SHM || a == MC_ALGO_SHM_SLOTS || a == MC_ALGO_SHM_CMA)
+    return kind != MC_OP_BARRIER || a == MC_ALGO_SHM; /* every kind the shm path runs */
   switch (kind) {
-  case MC_OP_ALLREDUCE: return shm || a == MC_ALGO_RD || a == MC_ALGO_RING;
+  case MC_OP_ALLREDUCE:
+    return a == MC_ALGO_SHM_FLAT || a == MC_ALGO_SHM_TWO_PHASE || a == MC_ALGO_RD ||
+           a == MC_ALGO_RING;
   case MC_OP_REDUCE_SCATTER:
   case MC_OP_ALLGATHER: return a == MC_ALGO_SHM || a == MC_ALGO_RING;
   case MC_OP_BROADCAST: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL;
@@ -147,9 +157,7 @@ mc_algo_t mc_algo_choose(const mc_request_t *req) {
     const rule_t *r = &rules[i];
     if (r->kind != req->kind || bytes < r->min || bytes >= r->max)
       continue;
-    bool shm =
-        r->algo == MC_ALGO_SHM || r->algo == MC_ALGO_SHM_FLAT || r->algo == MC_ALGO_SHM_TWO_PHASE;
-    if (shm && !can_shm)
+    if (mc_algo_is_shm(r->algo) && !can_shm)
       break; /* not on one host: the default below */
     if (r->algo == MC_ALGO_RING && req->count < (size_t)comm->size &&
         (req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_REDUCE))

@@ -18,7 +18,9 @@
 #include <math.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -248,6 +250,19 @@ static double memcpy_gbps(size_t bytes, int repeats) {
   return bytes / samples[0] / 1e9;
 }
 
+/* MC_BENCH_THP=1: 2 MiB-aligned buffers advised to use transparent huge pages (as torch's
+ * THP_MEM_ALLOC_ENABLE=1 does), to see what page size does to single-copy reads. */
+static void *big_alloc(size_t bytes) {
+  const char *thp = getenv("MC_BENCH_THP");
+  if (!thp || !atoi(thp) || bytes < (2u << 20))
+    return malloc(bytes);
+  size_t huge = 2u << 20, len = (bytes + huge - 1) & ~(huge - 1);
+  void *p = aligned_alloc(huge, len);
+  if (p)
+    madvise(p, len, MADV_HUGEPAGE);
+  return p;
+}
+
 static double busbw_factor(op_t op, int n) {
   switch (op) {
   case OP_ALLREDUCE: return 2.0 * (n - 1) / n;
@@ -275,8 +290,8 @@ static int bench_op(mc_comm_t *comm, const opts_t *o, op_t op, double *bus_sum, 
     if (!r.count)
       continue; /* smaller than one element per rank */
     buffers(&r);
-    r.in = malloc(r.in_elems * esz + 64);
-    r.out = malloc(r.out_elems * esz + 64);
+    r.in = big_alloc(r.in_elems * esz + 64);
+    r.out = big_alloc(r.out_elems * esz + 64);
     fill_inputs(&r);
     size_t size = (r.in_elems > r.out_elems ? r.in_elems : r.out_elems) * esz;
     int fail = 0;
