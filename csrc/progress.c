@@ -237,6 +237,7 @@ static int64_t check_deadlines(mc_comm_t *comm, int64_t now) {
     snprintf(why, sizeof why, "an earlier %s #%u timed out after %d ms waiting for %s",
              mc_op_name(req->kind), req->seq, comm->timeout_ms, peers);
     mc_comm_break(comm, MC_ERR_TIMEOUT, why);
+    mc_shm_leave(comm, MC_ERR_TIMEOUT, why); /* before the caller gets its buffers back */
     mc_request_complete(
         req, MC_ERR_TIMEOUT, "rank %d: %s #%u on %s timed out after %d ms, still waiting for %s",
         comm->rank, mc_op_name(req->kind), req->seq, comm->name, comm->timeout_ms, peers);

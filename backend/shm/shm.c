@@ -68,9 +68,11 @@ typedef struct {
   char left_why[256];
   _Alignas(64) _Atomic uint32_t cma; /* CMA_YES: this rank can read every peer's memory */
   int32_t pid;
+  uint64_t cma_min;               /* this rank's MC_SHM_CMA_MIN: all must agree to use it */
   uint64_t nonce, nonce_addr;     /* a random word, and its address in this rank's memory */
   uint64_t buf_in[2], buf_out[2]; /* the operation's buffers, for the arrival in slot t % 2 */
   _Alignas(64) uint64_t sig[2];   /* signature of the operation whose chunk is in slot[i] */
+  uint32_t single[2];             /* and whether it runs single copy (checked with it) */
   uint64_t magic;
   uint64_t slot_bytes;
 } shm_header_t;
@@ -209,6 +211,7 @@ mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   s->self->pid = (int32_t)getpid();
+  s->self->cma_min = s->cma_min;
   s->self->nonce = ((uint64_t)ts.tv_nsec << 32 ^ (uint64_t)ts.tv_sec ^ (uintptr_t)s) | 1;
   s->self->nonce_addr = (uintptr_t)&s->self->nonce;
   s->peer[s->me].hdr = s->self;
@@ -362,10 +365,15 @@ static size_t chunk_elems(const mc_shm_t *s, const mc_request_t *req) {
 
 static void start(mc_shm_t *s, mc_request_t *req) {
   size_t esz = mc_dtype_size(req->dtype), per = chunk_elems(s, req);
-  bool two_phase = req->algo == MC_ALGO_SHM_TWO_PHASE ||
-                   (req->algo == MC_ALGO_SHM && req->count * esz > s->flat_max);
-  req->shm.algo = req->kind == MC_OP_ALLREDUCE && two_phase ? ALG_TWO_PHASE : ALG_FLAT;
-  /* s->cma_all and the arguments are the same on every rank, so is the choice */
+  bool by_size =
+      req->algo == MC_ALGO_SHM || req->algo == MC_ALGO_SHM_SLOTS || req->algo == MC_ALGO_SHM_CMA;
+  bool two_phase =
+      req->algo == MC_ALGO_SHM_TWO_PHASE || (by_size && req->count * esz > s->flat_max);
+  req->shm.algo = req->kind == MC_OP_ALLREDUCE && two_phase
+                      ? ALG_TWO_PHASE
+                      : ALG_FLAT; /* s->cma_all (which includes equal thresholds) and the arguments
+                                   * are the same on every rank, so is the choice; MC_ALGO rules
+                                   * that differ show as a mismatch (signatures_agree) */
   req->shm.cma = s->cma_all == 1 && req->kind != MC_OP_BARRIER && req->redop != MC_PREMUL_SUM &&
                  (req->algo == MC_ALGO_SHM_CMA ||
                   (req->algo == MC_ALGO_SHM && s->cma_min && req->count * esz >= s->cma_min));
@@ -514,6 +522,7 @@ static void copy_in(mc_shm_t *s, mc_request_t *req, chunk_t c) {
   default: break;
   }
   s->self->sig[c.t & 1] = req->signature;
+  s->self->single[c.t & 1] = 0;
   publish(s, &s->self->arrived, c.t);
 }
 
@@ -545,6 +554,16 @@ static void reduce_all_slots(mc_shm_t *s, mc_request_t *req, void *dst, size_t c
 static bool signatures_agree(mc_shm_t *s, mc_request_t *req, uint64_t t) {
   for (int r = 0; r < s->n; r++) {
     uint64_t theirs = s->peer[r].hdr->sig[t & 1];
+    if (r != s->me && theirs == req->signature &&
+        s->peer[r].hdr->single[t & 1] != (uint32_t)req->shm.cma) {
+      req->mismatch = true;
+      snprintf(req->err, sizeof req->err,
+               "rank %d runs %s #%u %s but this rank %s (MC_ALGO or MC_SHM_CMA_MIN differ?)", r,
+               mc_op_name(req->kind), req->seq,
+               req->shm.cma ? "through the shared slots" : "single copy",
+               req->shm.cma ? "single copy" : "through the shared slots");
+      return false;
+    }
     if (r != s->me && theirs != req->signature) {
       char a[128], b[128];
       mc_describe_signature(theirs, a, sizeof a);
@@ -647,6 +666,14 @@ static void on_reduced(mc_shm_t *s, mc_request_t *req, chunk_t c) {
 
 /* ---- single copy: the peers' buffers, read with process_vm_readv ---- */
 
+/* Fails the request and the communicator. The segment says so first: a peer may be reading
+ * this rank's buffers (single copy), and must see `revoked` before the caller gets them back. */
+static void fail_now(mc_request_t *req, mc_status_t st, const char *why) {
+  mc_comm_revoke_local(req->comm, st, why);
+  mc_shm_leave(req->comm, st, why);
+  mc_request_complete(req, st, "%s", why);
+}
+
 /* The request fails because rank r left (revoked or destroyed its communicator), with the
  * reason it gave, which often arrives before this rank's own control plane learns of it. */
 static void fail_left(mc_shm_t *s, mc_request_t *req, int r) {
@@ -655,8 +682,7 @@ static void fail_left(mc_shm_t *s, mc_request_t *req, int r) {
   char why[MC_ERRLEN];
   snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: revoked by rank %d: %.255s", s->me,
            mc_op_name(req->kind), req->seq, req->comm->name, r, h->left_why);
-  mc_comm_revoke_local(req->comm, st, why);
-  mc_request_complete(req, st, "%s", why);
+  fail_now(req, st, why);
 }
 
 static bool peer_left(const mc_shm_t *s, int r) {
@@ -674,8 +700,7 @@ static void fail_read(mc_shm_t *s, mc_request_t *req, int r) {
   snprintf(why, sizeof why,
            "rank %d: %s #%u on %s failed: cannot read rank %d's buffer (process_vm_readv: %s)",
            s->me, mc_op_name(req->kind), req->seq, req->comm->name, r, strerror(err));
-  mc_comm_revoke_local(req->comm, MC_ERR_PEER_FAILED, why);
-  mc_request_complete(req, MC_ERR_PEER_FAILED, "%s", why);
+  fail_now(req, err == ESRCH ? MC_ERR_PEER_FAILED : MC_ERR_TRANSPORT, why); /* gone/refused */
 }
 
 /* After reading: a peer that left may have reused its buffers while they were read (it
@@ -693,6 +718,7 @@ static void cma_arrive(mc_shm_t *s, mc_request_t *req, uint64_t t) {
   s->self->buf_in[t & 1] = (uintptr_t)req->in;
   s->self->buf_out[t & 1] = (uintptr_t)req->out;
   s->self->sig[t & 1] = req->signature;
+  s->self->single[t & 1] = 1;
   publish(s, &s->self->arrived, t);
 }
 
@@ -820,7 +846,9 @@ static void finish(mc_shm_t *s, mc_request_t *req, uint64_t chunks_used) {
 }
 
 /* MC_FAULT injection point before each phase (fault.h): the phase number counts the phases
- * of the operation, 3 per chunk. "error" breaks the communicator as a failed link would. */
+ * of the operation, 3 per chunk through the slots (start, arrived, reduced); a single-copy
+ * operation is one chunk of 4 (3: the drain). "error" breaks the communicator as a failed
+ * link would. */
 static bool fault_here(mc_request_t *req) {
   mc_comm_t *comm = req->comm;
   char phase[24];
@@ -828,6 +856,7 @@ static bool fault_here(mc_request_t *req) {
   if (!mc_fault_point(comm->members[comm->rank], mc_op_name(req->kind), req->seq, phase))
     return false;
   mc_comm_break(comm, MC_ERR_TRANSPORT, "injected transport error (MC_FAULT)");
+  mc_shm_leave(comm, MC_ERR_TRANSPORT, "injected transport error (MC_FAULT)");
   mc_request_complete(req, MC_ERR_TRANSPORT, "rank %d: %s #%u on %s: injected error (MC_FAULT)",
                       comm->rank, mc_op_name(req->kind), req->seq, comm->name);
   return true;
@@ -862,7 +891,8 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
       if (s->cma_all < 0) { /* every rank probed before its first arrival */
         s->cma_all = 1;
         for (int r = 0; r < s->n; r++)
-          if (atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->cma) != CMA_YES)
+          if (atomic_load((_Atomic uint32_t *)&s->peer[r].hdr->cma) != CMA_YES ||
+              s->peer[r].hdr->cma_min != s->cma_min)
             s->cma_all = 0;
       }
       if (req->shm.chunk == 0 && !signatures_agree(s, req, c.t)) {

@@ -185,7 +185,9 @@ typedef void (*mc_callback_t)(mc_request_t *req, void *arg);
 mc_status_t mc_request_on_complete(mc_request_t *req, mc_callback_t fn, void *arg);
 /* Blocks until completion or timeout_ms (< 0: no extra limit; the operation's own deadline
  * still applies). Returns the operation's status, or MC_ERR_TIMEOUT if the wait timed out
- * while the operation goes on. */
+ * while the operation goes on: its buffers stay in use until it completes (on one host the
+ * peers may be reading them directly), so do not free or reuse them before it completes
+ * (mc_comm_abort makes it complete promptly, with an error). */
 mc_status_t mc_wait(mc_request_t *req, int timeout_ms);
 /* Non-blocking: *done = 1 when complete; returns the status so far (MC_OK while running). */
 mc_status_t mc_test(mc_request_t *req, int *done);
