@@ -323,7 +323,8 @@ static void set_locality(mc_comm_t *comm, bool all_local, int local_ranks) {
   int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
   comm->all_local = all_local;
   comm->local_ranks = local_ranks;
-  comm->spin_ns = local_ranks <= ncpu ? mc_param_int(MC_PARAM_SPIN_US) * 1000 : 0;
+  comm->kick_ns = mc_param_int(MC_PARAM_SPIN_US) * 1000;
+  comm->spin_ns = local_ranks <= ncpu ? comm->kick_ns : 0;
 }
 
 /* The intra-host path, when every rank is on this host and MC_SHM allows it. */

@@ -162,7 +162,10 @@ struct mc_comm {
   int wake_fd;       /* eventfd: abort, stop, a caller handing over */
   int kick_timer_fd; /* timerfd: new work (mc_progress_enqueue) */
   bool sleeping;
-  bool kick_armed; /* kick_timer_fd set since the progress thread went to sleep */
+  int64_t kick_ns;     /* how late new work wakes a sleeping progress thread (MC_SPIN_US) */
+  bool kick_armed;     /* kick_timer_fd set since the progress thread went to sleep */
+  bool shm_fifo_taken; /* the progress thread or a waiting caller polls the shm FIFO: one only */
+  _Atomic bool caller_polling; /* a caller sleeps on the shm FIFO: completions write to it */
   bool stop;
   mc_status_t broken; /* MC_OK while usable */
   char broken_msg[MC_ERRLEN];
@@ -201,6 +204,10 @@ void mc_progress_stop(mc_comm_t *comm);
 void mc_progress_kick(mc_comm_t *comm);
 /* A waiting caller runs one progress pass if no other thread is; true if anything moved. */
 bool mc_progress_help(mc_comm_t *comm);
+/* A caller waits for its shared-memory request itself, sleeping on the shm FIFO (progress.c),
+ * until it is done or limit_ns. Returns early if it cannot (not an shm request, or another
+ * thread holds the progress or the FIFO): the caller then hands over to the progress thread. */
+void mc_progress_wait(mc_comm_t *comm, mc_request_t *req, int64_t limit_ns);
 /* Progress thread: marks the communicator broken (first cause wins) and closes its transport,
  * so no transfer outlives the failure about to be reported. */
 void mc_comm_break(mc_comm_t *comm, mc_status_t st, const char *why);

@@ -27,12 +27,13 @@ void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req) {
   comm->incoming_tail = req;
   /* A sleeping progress thread is woken after the spin time rather than at once: a caller that
    * waits for the request right away (a blocking operation) runs it itself in that time
-   * (mc_wait), and a second thread waking up would only compete with it. Each new request
-   * pushes the timer back; an asynchronous request starts at most that late (0 when this
-   * host's ranks outnumber its CPUs). */
+   * (mc_wait), and a second thread waking up would only compete with it. Each new request   *
+   * pushes the timer back; an asynchronous request starts at most that late (also when this host's
+   * ranks outnumber its CPUs and callers do not spin: they run their shm operations themselves,
+   * mc_progress_wait). */
   if (comm->sleeping && comm->kick_timer_fd >= 0 && !comm->kick_armed) {
     comm->kick_armed = true;
-    int64_t ns = comm->spin_ns;
+    int64_t ns = comm->kick_ns;
     struct itimerspec t = {.it_value = {ns / 1000000000, ns % 1000000000 ? ns % 1000000000 : 1}};
     timerfd_settime(comm->kick_timer_fd, 0, &t, NULL);
   }
@@ -270,7 +271,11 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
   bool can_sleep =
       !work && (!comm->transport || comm->tops->prepare_sleep(comm->transport, &fd, &backstop_us));
   int shm_fd = -1;
-  bool shm_asked = can_sleep && comm->shm;
+  pthread_mutex_lock(&comm->lock); /* a waiting caller may be sleeping on the FIFO: it runs the
+                                      shm operations then, and hands back when it leaves */
+  bool shm_asked = can_sleep && comm->shm && !comm->shm_fifo_taken;
+  comm->shm_fifo_taken |= shm_asked;
+  pthread_mutex_unlock(&comm->lock);
   if (shm_asked)
     can_sleep = mc_shm_prepare_sleep(comm, &shm_fd);
   if (can_sleep) {
@@ -307,6 +312,8 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
     mc_shm_after_sleep(comm);
   pthread_mutex_lock(&comm->lock);
   comm->sleeping = comm->kick_armed = false;
+  if (shm_asked)
+    comm->shm_fifo_taken = false;
   pthread_mutex_unlock(&comm->lock);
 }
 
@@ -362,6 +369,95 @@ static void *progress_main(void *arg) {
     pthread_mutex_unlock(&comm->progress_mu);
   }
   return NULL;
+}
+
+/* Sleeps on the shm FIFO for the caller (progress_mu held on entry, released on return) until
+ * a flag it waits for moves, its request completes (mc_request_complete writes to the FIFO
+ * then), or the nearest deadline or limit. False if it did not sleep (another thread has the
+ * FIFO, or there is nothing to sleep on). */
+static bool caller_sleep(mc_comm_t *comm, mc_request_t *req, int64_t nearest, int64_t limit) {
+  pthread_mutex_lock(&comm->lock);
+  bool mine = !comm->shm_fifo_taken;
+  comm->shm_fifo_taken = true;
+  pthread_mutex_unlock(&comm->lock);
+  if (!mine) {
+    pthread_mutex_unlock(&comm->progress_mu);
+    return false;
+  }
+  int fd = -1;
+  atomic_store(&comm->caller_polling, true); /* then check done: pairs with the completer */
+  bool can = !atomic_load(&req->done) && mc_shm_prepare_sleep(comm, &fd) && fd >= 0;
+  pthread_mutex_unlock(&comm->progress_mu);
+  if (can) {
+    int64_t until = nearest < limit ? nearest : limit, timeout_ms = -1;
+    if (until != INT64_MAX) {
+      timeout_ms = (until - mc_now_ns() + 999999) / 1000000;
+      timeout_ms = timeout_ms < 0 ? 0 : timeout_ms > 1000000 ? 1000000 : timeout_ms;
+    }
+    struct pollfd p = {fd, POLLIN, 0};
+    poll(&p, 1, (int)timeout_ms);
+  }
+  atomic_store(&comm->caller_polling, false);
+  pthread_mutex_lock(&comm->progress_mu);
+  mc_shm_after_sleep(comm);
+  pthread_mutex_unlock(&comm->progress_mu);
+  pthread_mutex_lock(&comm->lock);
+  comm->shm_fifo_taken = false;
+  pthread_mutex_unlock(&comm->lock);
+  return can;
+}
+
+/* With several ranks per core, handing each operation to the progress thread costs two thread
+ * wake-ups on top of the one for the peers' flags (the kick, then the completion); the caller
+ * runs it itself instead, and sleeps where the progress thread would have. */
+void mc_progress_wait(mc_comm_t *comm, mc_request_t *req, int64_t limit) {
+  while (!atomic_load(&req->done) && mc_now_ns() < limit) {
+    if (pthread_mutex_trylock(&comm->progress_mu))
+      break; /* the progress thread is in a pass: it goes on with the request */
+    if (comm->progress_exited) {
+      pthread_mutex_unlock(&comm->progress_mu);
+      break;
+    }
+    int64_t nearest;
+    bool stop;
+    bool busy = progress_pass(comm, &nearest, &stop);
+    pthread_mutex_lock(&comm->lock);
+    if (comm->kick_armed && !comm->incoming_head) {
+      /* the pass took the work the kick was for: no second thread needs to wake for it */
+      struct itimerspec off = {{0, 0}, {0, 0}};
+      timerfd_settime(comm->kick_timer_fd, 0, &off, NULL);
+      comm->kick_armed = false;
+    }
+    pthread_mutex_unlock(&comm->lock);
+    if (atomic_load(&req->done) || stop || !req->on_shm || !comm->shm) {
+      pthread_mutex_unlock(&comm->progress_mu);
+      break;
+    }
+    if (busy) {
+      pthread_mutex_unlock(&comm->progress_mu);
+      continue;
+    }
+    if (!caller_sleep(comm, req, nearest, limit) && !atomic_load(&req->done)) {
+      pthread_mutex_lock(&comm->lock); /* another thread has the FIFO: hand over */
+      bool taken = comm->shm_fifo_taken;
+      pthread_mutex_unlock(&comm->lock);
+      if (taken)
+        break;
+    }
+  } /* leaving with the request done: whatever else is pending is the progress thread's again (if
+     * it is in a pass now, it sees it anyway); not done: the caller hands over (mc_wait) */
+  if (!atomic_load(&req->done))
+    return;
+  bool left = false;
+  if (!pthread_mutex_trylock(&comm->progress_mu)) {
+    for (mc_request_t *r = comm->active_head; r && !left; r = r->next)
+      left = !atomic_load(&r->done);
+    pthread_mutex_unlock(&comm->progress_mu);
+  }
+  pthread_mutex_lock(&comm->lock);
+  if ((left || comm->incoming_head) && comm->wake_fd >= 0)
+    mc_progress_kick(comm);
+  pthread_mutex_unlock(&comm->lock);
 }
 
 bool mc_progress_help(mc_comm_t *comm) {

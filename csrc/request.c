@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "internal.h"
+#include "shm.h"
 
 int64_t mc_now_ns(void) {
   struct timespec ts;
@@ -60,6 +61,9 @@ void mc_request_complete(mc_request_t *req, mc_status_t st, const char *fmt, ...
     MC_LOG(MC_LOG_INFO, req->comm ? req->comm->rank : -1, "%s", req->err);
   }
   atomic_store(&req->done, true);
+  mc_comm_t *comm = req->comm;
+  if (comm && atomic_load(&comm->caller_polling)) /* pairs with mc_progress_wait */
+    mc_shm_wake_self(comm);
   mc_callback_t cb = req->callback;
   void *arg = req->callback_arg;
   pthread_cond_broadcast(&req->cond);
@@ -107,14 +111,19 @@ mc_status_t mc_wait(mc_request_t *req, int timeout_ms) {
         until = now + spin_ns < limit ? now + spin_ns : limit;
       else
         sched_yield();
-    }
-    if (!atomic_load(&req->done)) { /* the progress thread takes over (and sees new deadlines) */
+    } /* then it sleeps where the progress thread would (shm requests); what it cannot run
+       * itself, the progress thread takes over (and sees new deadlines) */
+    if (!atomic_load(&req->done) && now < limit)
+      mc_progress_wait(comm, req, limit);
+    if (!atomic_load(&req->done)) {
       pthread_mutex_lock(&comm->lock);
       if (comm->wake_fd >= 0)
         mc_progress_kick(comm);
       pthread_mutex_unlock(&comm->lock);
     }
     atomic_fetch_sub(&comm->waiters, 1);
+    if (!atomic_load(&req->done) && timeout_ms >= 0 && mc_now_ns() >= limit)
+      return MC_ERR_TIMEOUT;
   }
   if (atomic_load(&req->done))
     return req->status;

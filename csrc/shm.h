@@ -33,6 +33,8 @@ bool mc_shm_progress(mc_comm_t *comm);
  * fd a peer writes to after setting a flag this rank waits for. */
 bool mc_shm_prepare_sleep(mc_comm_t *comm, int *fd);
 void mc_shm_after_sleep(mc_comm_t *comm);
+/* Wakes whoever sleeps on this rank's FIFO (a request of a sleeping caller completed). */
+void mc_shm_wake_self(mc_comm_t *comm);
 
 /* For timeout messages: the ranks the current shm operation waits for, e.g. "shm flags of 1, 3". */
 void mc_shm_waiting_for(const mc_request_t *req, char *out, size_t len);

@@ -986,6 +986,13 @@ void mc_shm_after_sleep(mc_comm_t *comm) {
     ;
 }
 
+void mc_shm_wake_self(mc_comm_t *comm) {
+  char one = 1;
+  if (comm->shm && write(comm->shm->wake_rd, &one, 1) < 0) {
+    /* full: already a wake-up */
+  }
+}
+
 void mc_shm_waiting_for(const mc_request_t *req, char *out, size_t len) {
   const mc_shm_t *s = req->comm->shm;
   size_t used = snprintf(out, len, "shared-memory flags of rank");
