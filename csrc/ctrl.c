@@ -191,7 +191,8 @@ static void mark_failed(mc_ctrl_t *c, int r, const char *why, bool tell_others) 
       send_frame(c, r, MSG_EXCLUDED, 0, why, strlen(why) + 1, NULL, 0);
     conn_close(c, p->conn);
     p->conn = NULL;
-  }  p->failed = true;
+  }
+  p->failed = true;
   /* An excluded rank stays quiet: the others close their connections to it as they exclude
    * it, and its report of those closes would reach a rank that has not excluded it yet as a
    * failure of a healthy rank (seen in a shrink that excluded a live rank) */

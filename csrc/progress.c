@@ -27,10 +27,10 @@ void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req) {
   comm->incoming_tail = req;
   /* A sleeping progress thread is woken after the spin time rather than at once: a caller that
    * waits for the request right away (a blocking operation) runs it itself in that time
-   * (mc_wait), and a second thread waking up would only compete with it. Each new request   *
-   * pushes the timer back; an asynchronous request starts at most that late (also when this host's
-   * ranks outnumber its CPUs and callers do not spin: they run their shm operations themselves,
-   * mc_progress_wait). */
+   * (mc_wait), and a second thread waking up would only compete with it. Each new request
+   * pushes the timer back; an asynchronous request starts at most that late (also when this
+   * host's ranks outnumber its CPUs and callers do not spin: they run their shm operations
+   * themselves, mc_progress_wait). */
   if (comm->sleeping && comm->kick_timer_fd >= 0 && !comm->kick_armed) {
     comm->kick_armed = true;
     int64_t ns = comm->kick_ns;
@@ -278,6 +278,12 @@ static void sleep_until_work(mc_comm_t *comm, int64_t nearest_deadline) {
   pthread_mutex_unlock(&comm->lock);
   if (shm_asked)
     can_sleep = mc_shm_prepare_sleep(comm, &shm_fd);
+  if (shm_asked && can_sleep && shm_fd < 0) { /* no shm operation under way: the FIFO stays
+                                                 free for the next caller that waits on one */
+    pthread_mutex_lock(&comm->lock);
+    comm->shm_fifo_taken = shm_asked = false;
+    pthread_mutex_unlock(&comm->lock);
+  }
   if (can_sleep) {
     struct pollfd fds[4] = {{comm->wake_fd, POLLIN, 0},
                             {fd, POLLIN, 0},
@@ -448,8 +454,9 @@ void mc_progress_wait(mc_comm_t *comm, mc_request_t *req, int64_t limit) {
      * it is in a pass now, it sees it anyway); not done: the caller hands over (mc_wait) */
   if (!atomic_load(&req->done))
     return;
-  bool left = false;
+  bool left = true; /* unless seen otherwise: a thread in a pass now may be a caller that leaves */
   if (!pthread_mutex_trylock(&comm->progress_mu)) {
+    left = false;
     for (mc_request_t *r = comm->active_head; r && !left; r = r->next)
       left = !atomic_load(&r->done);
     pthread_mutex_unlock(&comm->progress_mu);

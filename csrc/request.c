@@ -97,22 +97,24 @@ mc_status_t mc_wait(mc_request_t *req, int timeout_ms) {
    * asleep while a caller spins; if the operation outlasts the spin it is woken to take over.
    * The comm is alive while the request is pending (destroy completes every request under its
    * lock first), and waits for `waiters` to drop before it frees the comm. */
+  const int64_t start = mc_now_ns();
+  const int64_t limit = timeout_ms >= 0 ? start + timeout_ms * 1000000LL : INT64_MAX;
   mc_comm_t *comm = NULL;
   pthread_mutex_lock(&req->lock);
   if (!atomic_load(&req->done) && (comm = req->comm))
     atomic_fetch_add(&comm->waiters, 1);
   pthread_mutex_unlock(&req->lock);
   if (comm) {
-    int64_t now = mc_now_ns(), spin_ns = comm->spin_ns;
-    int64_t limit = timeout_ms >= 0 ? now + timeout_ms * 1000000LL : INT64_MAX;
+    int64_t now = start, spin_ns = comm->spin_ns;
     int64_t until = now + spin_ns < limit ? now + spin_ns : limit;
     while (!atomic_load(&req->done) && (now = mc_now_ns()) < until) {
       if (mc_progress_help(comm)) /* moving: keep going */
         until = now + spin_ns < limit ? now + spin_ns : limit;
       else
         sched_yield();
-    } /* then it sleeps where the progress thread would (shm requests); what it cannot run
-       * itself, the progress thread takes over (and sees new deadlines) */
+    }
+    /* then it sleeps where the progress thread would (shm requests); what it cannot run
+     * itself, the progress thread takes over (and sees new deadlines) */
     if (!atomic_load(&req->done) && now < limit)
       mc_progress_wait(comm, req, limit);
     if (!atomic_load(&req->done)) {
@@ -122,21 +124,12 @@ mc_status_t mc_wait(mc_request_t *req, int timeout_ms) {
       pthread_mutex_unlock(&comm->lock);
     }
     atomic_fetch_sub(&comm->waiters, 1);
-    if (!atomic_load(&req->done) && timeout_ms >= 0 && mc_now_ns() >= limit)
-      return MC_ERR_TIMEOUT;
   }
   if (atomic_load(&req->done))
     return req->status;
-  struct timespec until;
-  clock_gettime(CLOCK_MONOTONIC, &until);
-  if (timeout_ms >= 0) {
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-      until.tv_sec++;
-      until.tv_nsec -= 1000000000L;
-    }
-  }
+  /* the rest of the time given, counted from the call (the condition variable runs on the
+   * monotonic clock, as mc_now_ns) */
+  struct timespec until = {(time_t)(limit / 1000000000LL), (long)(limit % 1000000000LL)};
   mc_status_t st = MC_OK;
   pthread_mutex_lock(&req->lock);
   while (!atomic_load(&req->done)) {
