@@ -450,8 +450,9 @@ void mc_progress_wait(mc_comm_t *comm, mc_request_t *req, int64_t limit) {
       if (taken)
         break;
     }
-  } /* leaving with the request done: whatever else is pending is the progress thread's again (if
-     * it is in a pass now, it sees it anyway); not done: the caller hands over (mc_wait) */
+  }
+  /* leaving with the request done: whatever else is pending is the progress thread's again
+   * (if it is in a pass now, it sees it anyway); not done: the caller hands over (mc_wait) */
   if (!atomic_load(&req->done))
     return;
   bool left = true; /* unless seen otherwise: a thread in a pass now may be a caller that leaves */

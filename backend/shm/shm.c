@@ -369,16 +369,12 @@ static void start(mc_shm_t *s, mc_request_t *req) {
       req->algo == MC_ALGO_SHM || req->algo == MC_ALGO_SHM_SLOTS || req->algo == MC_ALGO_SHM_CMA;
   bool two_phase =
       req->algo == MC_ALGO_SHM_TWO_PHASE || (by_size && req->count * esz > s->flat_max);
-  req->shm.algo = req->kind == MC_OP_ALLREDUCE && two_phase
-                      ? ALG_TWO_PHASE
-                      : ALG_FLAT; /* s->cma_all (which includes equal thresholds) and the arguments
-                                   * are the same on every rank, so is the choice; MC_ALGO rules
-                                   * that differ show as a mismatch (signatures_agree) */
+  req->shm.algo = req->kind == MC_OP_ALLREDUCE && two_phase ? ALG_TWO_PHASE : ALG_FLAT;
+  /* s->cma_all (which includes equal thresholds) and the arguments are the same on every rank,
+   * so is the choice; MC_ALGO rules that differ show as a mismatch (signatures_agree) */
   req->shm.cma = s->cma_all == 1 && req->kind != MC_OP_BARRIER && req->redop != MC_PREMUL_SUM &&
                  (req->algo == MC_ALGO_SHM_CMA ||
                   (req->algo == MC_ALGO_SHM && s->cma_min && req->count * esz >= s->cma_min));
-  if (req->shm.cma)
-    req->shm.algo = ALG_TWO_PHASE;
   req->shm.t0 = s->next_t;
   req->shm.chunks = req->count && !req->shm.cma ? (req->count + per - 1) / per : 1;
   if (req->kind == MC_OP_BARRIER)
@@ -471,6 +467,12 @@ static chunk_t current_chunk(const mc_shm_t *s, const mc_request_t *req) {
 }
 
 static char *elem(const void *buf, size_t i, size_t esz) { return (char *)buf + i * esz; }
+
+/* A copy that in-place arguments make unnecessary (the source is already the destination). */
+static void copy_apart(void *dst, const void *src, size_t bytes) {
+  if (dst != src && bytes)
+    mc_copy(dst, src, bytes);
+}
 
 /* Two-phase slices of a chunk of len elements: slice i of n, as the ring's chunks. */
 static size_t slice_count(size_t len, int n, int i) { return len / n + ((size_t)i < len % n); }
@@ -603,8 +605,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
       char *dst = elem(req->out, (size_t)r * req->count + c.base, esz);
       const char *src = r == s->me ? elem(req->in, c.base, esz)
                                    : slot_of((char *)s->peer[r].base, s->slot_bytes, c.t);
-      if (dst != src && c.len)
-        mc_copy(dst, src, c.len * esz);
+      copy_apart(dst, src, c.len * esz);
     }
     break;
   case MC_OP_BROADCAST:
@@ -621,8 +622,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
       char *dst = elem(req->out, (size_t)r * req->count + c.base, esz);
       const char *src = r == s->me ? elem(req->in, c.base, esz)
                                    : slot_of((char *)s->peer[r].base, s->slot_bytes, c.t);
-      if (dst != src && c.len)
-        mc_copy(dst, src, c.len * esz);
+      copy_apart(dst, src, c.len * esz);
     }
     break;
   case MC_OP_SCATTER: {
@@ -630,8 +630,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
                           ? elem(req->in, (size_t)s->me * req->count + c.base, esz)
                           : elem(slot_of((char *)s->peer[req->root].base, s->slot_bytes, c.t),
                                  (size_t)s->me * c.len, esz);
-    if (elem(req->out, c.base, esz) != src && c.len)
-      mc_copy(elem(req->out, c.base, esz), src, c.len * esz);
+    copy_apart(elem(req->out, c.base, esz), src, c.len * esz);
     break;
   }
   case MC_OP_ALLTOALL:
@@ -640,8 +639,7 @@ static int on_arrived(mc_shm_t *s, mc_request_t *req, chunk_t c) {
       const char *src = r == s->me ? elem(req->in, (size_t)r * req->count + c.base, esz)
                                    : elem(slot_of((char *)s->peer[r].base, s->slot_bytes, c.t),
                                           (size_t)s->me * c.len, esz);
-      if (dst != src && c.len)
-        mc_copy(dst, src, c.len * esz);
+      copy_apart(dst, src, c.len * esz);
     }
     break;
   default: break;
@@ -755,11 +753,6 @@ static int reduce_peers(mc_shm_t *s, mc_request_t *req, char *dst, const char *o
   return -1;
 }
 
-static void copy_own(void *dst, const void *src, size_t bytes) {
-  if (dst != src && bytes)
-    mc_copy(dst, src, bytes);
-}
-
 /* PH_ARRIVED with every peer's buffer addresses published: read (and reduce) this rank's
  * part. Returns the next phase, or -1 if the request failed. */
 static int cma_on_arrived(mc_shm_t *s, mc_request_t *req) {
@@ -785,7 +778,7 @@ static int cma_on_arrived(mc_shm_t *s, mc_request_t *req) {
   case MC_OP_GATHER:
     for (int r = 0; r < s->n && bad < 0 && (req->kind == MC_OP_ALLGATHER || me == root); r++)
       if (r == me)
-        copy_own(out + (size_t)r * blk, in, blk);
+        copy_apart(out + (size_t)r * blk, in, blk);
       else if (!read_peer(s, r, out + (size_t)r * blk, peer_in(s, r, t), blk))
         bad = r;
     break;
@@ -795,14 +788,14 @@ static int cma_on_arrived(mc_shm_t *s, mc_request_t *req) {
     break;
   case MC_OP_SCATTER:
     if (me == root)
-      copy_own(out, in + (size_t)me * blk, blk);
+      copy_apart(out, in + (size_t)me * blk, blk);
     else if (!read_peer(s, root, out, peer_in(s, root, t) + (size_t)me * blk, blk))
       bad = root;
     break;
   case MC_OP_ALLTOALL:
     for (int r = 0; r < s->n && bad < 0; r++)
       if (r == me)
-        copy_own(out + (size_t)r * blk, in + (size_t)r * blk, blk);
+        copy_apart(out + (size_t)r * blk, in + (size_t)r * blk, blk);
       else if (!read_peer(s, r, out + (size_t)r * blk, peer_in(s, r, t) + (size_t)me * blk, blk))
         bad = r;
     break;
