@@ -264,8 +264,15 @@ void mc_comm_op_succeeded(mc_comm_t *comm) {
  * finish (failed members are skipped); destroy stops it. */
 static mc_transport_t *take_standby(mc_comm_t *comm, bool stop) {
   pthread_mutex_lock(&comm->lock);
-  atomic_store(&comm->standby_started, true); /* none starts from here on */
+  bool never = !atomic_load(&comm->standby_started); /* allowed, but no operation succeeded */
+  atomic_store(&comm->standby_started, true);        /* none starts from here on */
   pthread_mutex_unlock(&comm->lock);
+  /* A peer whose operation succeeded where this rank's failed (its part did not need the
+   * failed rank) pre-connects, and its shrink waits for this rank's standby address: say that
+   * none comes. */
+  if (never && comm->ctrl && comm->size > 1)
+    mc_ctrl_standby_exchange(comm->ctrl, comm->epoch + 1, comm->members, comm->size, NULL, 0,
+                             &comm->standby_stop, 0, NULL, NULL);
   if (comm->standby_running) {
     if (stop) {
       atomic_store(&comm->standby_stop, true);
@@ -286,8 +293,12 @@ static mc_comm_t *comm_new(int rank, int size, int lineage_size, const char *nam
     return NULL;
   comm->members = calloc(size, sizeof *comm->members);
   comm->rank_of = malloc(lineage_size * sizeof *comm->rank_of);
-  if (!comm->members || !comm->rank_of) {
-    free(comm->members), free(comm->rank_of), free(comm);
+  comm->host_of = calloc(size, sizeof *comm->host_of);
+  comm->local = calloc(size, sizeof *comm->local);
+  comm->leaders = calloc(size, sizeof *comm->leaders);
+  if (!comm->members || !comm->rank_of || !comm->host_of || !comm->local || !comm->leaders) {
+    free(comm->members), free(comm->rank_of), free(comm->host_of), free(comm->local);
+    free(comm->leaders), free(comm);
     return NULL;
   }
   for (int r = 0; r < lineage_size; r++)
@@ -315,21 +326,40 @@ static void comm_free(mc_comm_t *comm) {
     mc_ctrl_detach(comm->ctrl, comm);
   pthread_mutex_destroy(&comm->lock);
   pthread_mutex_destroy(&comm->progress_mu);
-  free(comm->members), free(comm->rank_of), free(comm);
+  free(comm->members), free(comm->rank_of), free(comm->host_of), free(comm->local);
+  free(comm->leaders), free(comm);
 }
 
-static void set_locality(mc_comm_t *comm, bool all_local, int local_ranks) {
+/* From host_of (any labels, the same for ranks of one host): hosts numbered in the order of
+ * their lowest rank, this host's ranks, the leaders. */
+static void set_locality(mc_comm_t *comm) {
+  int *label = comm->leaders; /* scratch: host label of each host number so far */
+  comm->nhosts = comm->local_ranks = 0;
+  for (int r = 0; r < comm->size; r++) {
+    int h = 0;
+    while (h < comm->nhosts && label[h] != comm->host_of[r])
+      h++;
+    if (h == comm->nhosts)
+      label[comm->nhosts++] = comm->host_of[r];
+    comm->host_of[r] = h;
+  }
+  for (int r = comm->size - 1; r >= 0; r--) /* lowest rank last: it stays */
+    comm->leaders[comm->host_of[r]] = r;
+  for (int r = 0; r < comm->size; r++)
+    if (comm->host_of[r] == comm->host_of[comm->rank])
+      comm->local[comm->local_ranks++] = r;
+  comm->all_local = comm->nhosts == 1;
+  /* the same on every rank, as MC_SHM must be */
+  comm->hier = comm->nhosts > 1 && comm->nhosts < comm->size && mc_param_int(MC_PARAM_SHM);
   cpu_set_t cpus;
   int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
-  comm->all_local = all_local;
-  comm->local_ranks = local_ranks;
   comm->kick_ns = mc_param_int(MC_PARAM_SPIN_US) * 1000;
-  comm->spin_ns = local_ranks <= ncpu ? comm->kick_ns : 0;
+  comm->spin_ns = comm->local_ranks <= ncpu ? comm->kick_ns : 0;
 }
 
-/* The intra-host path, when every rank is on this host and MC_SHM allows it. */
+/* The intra-host path, when this host has several of the ranks and MC_SHM allows it. */
 static mc_status_t open_shm(mc_comm_t *comm) {
-  if (!comm->all_local || comm->size < 2 || !mc_param_int(MC_PARAM_SHM))
+  if (comm->local_ranks < 2 || !mc_param_int(MC_PARAM_SHM))
     return MC_OK;
   char err[MC_ERRLEN - 96];
   mc_status_t st = mc_shm_create(comm, err, sizeof err);
@@ -362,19 +392,26 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
   snprintf(key, sizeof key, "mc/host/%d", comm->rank);
   if ((st = store->set(store->ctx, key, host, strlen(host) + 1)) != MC_OK)
     return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
-  bool all_local = true;
-  int local = 0;
+  char(*hosts)[sizeof host] = calloc(comm->size, sizeof host);
+  if (!hosts)
+    return fail(MC_ERR_NOMEM, "rank %d: creating communicator %s: out of memory", comm->rank,
+                comm->name);
   for (int r = 0; r < comm->size; r++) {
     snprintf(key, sizeof key, "mc/host/%d", r);
-    if ((st = store_get(comm, store, key, &val, &len)) != MC_OK)
+    if ((st = store_get(comm, store, key, &val, &len)) != MC_OK) {
+      free(hosts);
       return st;
-    if (len != strlen(host) + 1 || memcmp(val, host, len))
-      all_local = false;
-    else
-      local++;
+    }
+    snprintf(hosts[r], sizeof host, "%.*s", (int)strnlen(val, len), (const char *)val);
     free(val);
+    comm->host_of[r] = r; /* labelled by the lowest rank with the same host */
+    for (int q = 0; q < r && comm->host_of[r] == r; q++)
+      if (!strcmp(hosts[q], hosts[r]))
+        comm->host_of[r] = q;
   }
-  set_locality(comm, all_local, local);
+  free(hosts);
+  set_locality(comm);
+  bool all_local = comm->all_local;
 
   const char *want = cfg->transport ? cfg->transport : mc_param_str(MC_PARAM_TRANSPORT);
   snprintf(comm->want_provider, sizeof comm->want_provider, "%s", strcmp(want, "auto") ? want : "");
@@ -447,12 +484,13 @@ static mc_status_t connect_all(mc_comm_t *comm) {
   if (st != MC_OK || !comm->shm)
     return st;
   /* Every rank maps the others' segments at its first shm operation, and removes its own
-   * segment's name once all have: an internal barrier does both now, so that no name outlives
-   * a crash. It does not count as a user operation. */
+   * segment's name once all have: an internal barrier of this host's ranks does both now, so
+   * that no name outlives a crash. It does not count as a user operation. */
   mc_request_t *barrier = mc_request_new(comm, MC_OP_BARRIER);
   if (!barrier)
     return fail(MC_ERR_NOMEM, "rank %d: out of memory", comm->rank);
   barrier->dtype = MC_UINT8;
+  barrier->algo = MC_ALGO_SHM;
   submit(comm, barrier, &barrier);
   pthread_mutex_lock(&comm->lock);
   comm->coll_seq--;
@@ -497,8 +535,10 @@ mc_status_t mc_comm_create(const mc_config_t *cfg, const mc_store_t *store, int 
     return st;
   }
   mc_comm_allow_standby(comm); /* after connect_all's internal barrier */
-  MC_LOG(MC_LOG_INFO, rank, "communicator %s: %d ranks over %s, id %016llx", comm->name, size,
-         comm->provider, (unsigned long long)comm->id);
+  MC_LOG(MC_LOG_INFO, rank,
+         "communicator %s: %d ranks over %s on %d host(s), %d on this one%s, id %016llx",
+         comm->name, size, comm->provider, comm->nhosts, comm->local_ranks,
+         comm->shm ? " (shared memory)" : "", (unsigned long long)comm->id);
   *out = comm;
   return MC_OK;
 }
@@ -627,7 +667,10 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   free(failed);
   nc->id = comm->id;
   nc->epoch = comm->epoch + 1;
-  set_locality(nc, comm->all_local, comm->all_local ? size : comm->local_ranks);
+  for (int r = 0, i = 0; r < comm->size; r++)
+    if (nc->rank_of[comm->members[r]] >= 0)
+      nc->host_of[i++] = comm->host_of[r];
+  set_locality(nc);
   memcpy(nc->want_provider, comm->want_provider, sizeof nc->want_provider);
   nc->ctrl = comm->ctrl;
   mc_ctrl_attach(nc->ctrl, nc); /* from here a member's failure revokes it */
@@ -641,7 +684,7 @@ mc_status_t mc_comm_shrink(mc_comm_t *comm, const int *exclude, int n, mc_comm_t
   if (standby)
     use_transport(nc, standby);
   st = !addrs || !lens ? MC_ERR_NOMEM : standby ? MC_OK : open_transport(nc);
-  if (st == MC_OK && comm->shm)
+  if (st == MC_OK)
     st = open_shm(nc);
   if (st == MC_OK && (st = nc->tops->get_address(nc->transport, addr, &alen)) != MC_OK)
     fail(st, "rank %d: shrink: transport address unavailable", comm->rank);

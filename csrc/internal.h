@@ -52,6 +52,7 @@ typedef enum {
   MC_ALGO_SHM_TWO_PHASE,
   MC_ALGO_SHM_SLOTS, /* through the segment's slots (two copies), at any size */
   MC_ALGO_SHM_CMA,   /* single copy from the peers' buffers (process_vm_readv), where it works */
+  MC_ALGO_HIER,      /* across hosts: shm on each host, the transport between hosts (coll/hier.c) */
 } mc_algo_t;
 
 /* One posted send or receive of a step. */
@@ -98,6 +99,14 @@ struct mc_request {
   int64_t deadline_ns;
 
   mc_algo_t algo;
+  /* The ranks a schedule runs over: grp_n of them, this one grp_me, and the communicator rank of
+   * each in grp_ranks (NULL: the whole communicator, grp_me = comm->rank). A hierarchical
+   * operation runs its middle stage over the hosts' leaders. */
+  int grp_me, grp_n;
+  const int *grp_ranks;
+  /* hierarchical (coll/hier.c): the stage that runs now, a request of its own */
+  struct mc_request *stage;
+  int hier_stage;
   bool on_shm; /* run by the shared-memory path (backend/shm), not by steps */
   struct {
     bool started;
@@ -134,6 +143,14 @@ struct mc_comm {
   int lineage_size;
   bool all_local;
   int local_ranks; /* ranks on this host */
+  /* Hosts (same kernel boot and network namespace), numbered in the order of their lowest rank:
+   * the host of each rank, this host's ranks in ascending order, and each host's leader (its
+   * lowest rank). */
+  int nhosts;
+  int *host_of;
+  int *local;   /* local_ranks entries */
+  int *leaders; /* nhosts entries */
+  bool hier;    /* several hosts, one with several ranks: allreduce can run hierarchically */
   /* MC_SPIN_US, or 0 when this host's ranks outnumber the CPUs this process may use: spinning
    * then only takes the CPU away from the rank being waited for */
   int64_t spin_ns;
@@ -187,6 +204,10 @@ struct mc_comm {
 #define MC_STEP_BITS 11
 uint64_t mc_tag(const mc_comm_t *comm, int src, bool p2p, uint32_t payload);
 
+/* Set in a signature by a rank that found the ranks' arguments differ, so that the others learn
+ * it (coll/schedule.c has the signature's layout). */
+#define MC_SIG_MISMATCH (1ULL << 13)
+
 /* requests (request.c) */
 mc_request_t *mc_request_new(mc_comm_t *comm, mc_op_kind_t kind);
 void mc_request_complete(mc_request_t *req, mc_status_t st, const char *fmt, ...)
@@ -201,6 +222,8 @@ void mc_comm_allow_standby(mc_comm_t *comm);
 mc_status_t mc_progress_start(mc_comm_t *comm);
 void mc_progress_enqueue(mc_comm_t *comm, mc_request_t *req);
 void mc_progress_stop(mc_comm_t *comm);
+/* Progress thread (a pass): starts a request the engine made itself (a hierarchical stage). */
+void mc_progress_adopt(mc_comm_t *comm, mc_request_t *req);
 void mc_progress_kick(mc_comm_t *comm);
 /* A waiting caller runs one progress pass if no other thread is; true if anything moved. */
 bool mc_progress_help(mc_comm_t *comm);
@@ -224,12 +247,21 @@ const char *mc_algo_config_error(void); /* MC_ALGO does not parse: why */
 void mc_load_input(const mc_request_t *req, void *dst, const void *in, size_t count);
 void mc_describe_signature(uint64_t sig, char *out, size_t len);
 void mc_sched_start(mc_request_t *req); /* first step, or completion */
+/* Runs a request whose signature and algorithm are set: first step, or completion. */
+void mc_sched_run(mc_request_t *req);
 void mc_sched_xfer_done(mc_xfer_t *x, const mc_completion_t *c);
 void mc_sched_repost(mc_request_t *req); /* retry posts that got EAGAIN */
 /* Completes a request whose schedule ran to its end: success, or the mismatch it recorded. */
 void mc_sched_finish(mc_request_t *req);
 bool mc_algo_next_step(mc_request_t *req); /* fill the next step; false when finished */
 void mc_algo_setup(mc_request_t *req);     /* choose algorithm and scratch space */
+/* peer: a rank of the request's group (grp_ranks) */
 void mc_step_add(mc_request_t *req, bool is_send, int peer, void *buf, size_t len);
+
+/* hierarchical operations (coll/hier.c) */
+/* This rank is alone on its host: it runs the leaders' stage only, as the request itself. */
+void mc_hier_leaders_only(mc_request_t *req);
+/* Advances the stages of a hierarchical request that holds the shm path; true if it moved. */
+bool mc_hier_advance(mc_request_t *req);
 
 #endif

@@ -49,6 +49,11 @@ static void active_append(mc_comm_t *comm, mc_request_t *req) {
   comm->active_tail = req;
 }
 
+void mc_progress_adopt(mc_comm_t *comm, mc_request_t *req) {
+  active_append(comm, req);
+  mc_sched_run(req);
+}
+
 /* Start what user threads queued. */
 static bool take_incoming(mc_comm_t *comm) {
   pthread_mutex_lock(&comm->lock);
@@ -199,6 +204,8 @@ static void reap(mc_comm_t *comm) {
 
 /* Names the peers a request still waits for, e.g. "1, 3". */
 static void waiting_for(const mc_request_t *req, char *out, size_t len) {
+  if (req->stage) /* hierarchical: its current stage */
+    req = req->stage;
   if (req->on_shm) {
     mc_shm_waiting_for(req, out, len);
     return;
@@ -379,20 +386,22 @@ static void *progress_main(void *arg) {
 
 /* Sleeps on the shm FIFO for the caller (progress_mu held on entry, released on return) until
  * a flag it waits for moves, its request completes (mc_request_complete writes to the FIFO
- * then), or the nearest deadline or limit. False if it did not sleep (another thread has the
- * FIFO, or there is nothing to sleep on). */
-static bool caller_sleep(mc_comm_t *comm, mc_request_t *req, int64_t nearest, int64_t limit) {
+ * then), or the nearest deadline or limit. 1: it slept; 0: it did not (a flag moved meanwhile,
+ * or the request is done); -1: it cannot (another thread has the FIFO, or the operation waits
+ * for the transport: a hierarchical one's leaders' stage) and hands over. */
+static int caller_sleep(mc_comm_t *comm, mc_request_t *req, int64_t nearest, int64_t limit) {
   pthread_mutex_lock(&comm->lock);
   bool mine = !comm->shm_fifo_taken;
   comm->shm_fifo_taken = true;
   pthread_mutex_unlock(&comm->lock);
   if (!mine) {
     pthread_mutex_unlock(&comm->progress_mu);
-    return false;
+    return -1;
   }
   int fd = -1;
   atomic_store(&comm->caller_polling, true); /* then check done: pairs with the completer */
-  bool can = !atomic_load(&req->done) && mc_shm_prepare_sleep(comm, &fd) && fd >= 0;
+  bool asleep = !atomic_load(&req->done) && mc_shm_prepare_sleep(comm, &fd);
+  bool can = asleep && fd >= 0;
   pthread_mutex_unlock(&comm->progress_mu);
   if (can) {
     int64_t until = nearest < limit ? nearest : limit, timeout_ms = -1;
@@ -410,7 +419,7 @@ static bool caller_sleep(mc_comm_t *comm, mc_request_t *req, int64_t nearest, in
   pthread_mutex_lock(&comm->lock);
   comm->shm_fifo_taken = false;
   pthread_mutex_unlock(&comm->lock);
-  return can;
+  return can ? 1 : asleep ? -1 : 0;
 }
 
 /* With several ranks per core, handing each operation to the progress thread costs two thread
@@ -443,8 +452,11 @@ void mc_progress_wait(mc_comm_t *comm, mc_request_t *req, int64_t limit) {
       pthread_mutex_unlock(&comm->progress_mu);
       continue;
     }
-    if (!caller_sleep(comm, req, nearest, limit) && !atomic_load(&req->done)) {
-      pthread_mutex_lock(&comm->lock); /* another thread has the FIFO: hand over */
+    int slept = caller_sleep(comm, req, nearest, limit);
+    if (slept < 0 && !atomic_load(&req->done))
+      break; /* hand over */
+    if (!slept && !atomic_load(&req->done)) {
+      pthread_mutex_lock(&comm->lock); /* another thread took the FIFO meanwhile: hand over */
       bool taken = comm->shm_fifo_taken;
       pthread_mutex_unlock(&comm->lock);
       if (taken)

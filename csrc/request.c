@@ -30,6 +30,8 @@ mc_request_t *mc_request_new(mc_comm_t *comm, mc_op_kind_t kind) {
   req->comm = comm;
   req->kind = kind;
   req->source = -1;
+  req->grp_me = comm->rank;
+  req->grp_n = comm->size;
   return req;
 }
 
@@ -39,6 +41,8 @@ void mc_request_release(mc_request_t *req) {
   pthread_mutex_unlock(&req->lock);
   if (left)
     return;
+  if (req->stage)
+    mc_request_release(req->stage);
   free(req->tmp);
   free(req->vcounts);
   pthread_mutex_destroy(&req->lock);

@@ -1,5 +1,7 @@
-/* The intra-host path (backend/shm): when every rank of a communicator is on this host, the
- * collectives that benefit run through shared memory instead of the transport. Each rank owns
+/* The intra-host path (backend/shm): among the ranks of a communicator on this host (all of them,
+ * or this host's group of a communicator that spans hosts: coll/hier.c), collectives run
+ * through shared memory instead of the transport. Ranks are numbered within the group here
+ * (comm->local), and so is a request's root. Each rank owns
  * one segment (a header of flags, then double-buffered slots) that it alone writes; peers map
  * it read-only and read from it directly. Called from the progress thread only, except
  * create/destroy. */
@@ -28,6 +30,9 @@ bool mc_shm_supports(int kind);
 /* Advances the shm operations of the communicator, one at a time in submission order; true
  * if anything moved. */
 bool mc_shm_progress(mc_comm_t *comm);
+/* Starts (the first time) and advances one shm request that a hierarchical operation runs as
+ * a stage; true if it moved. */
+bool mc_shm_run(mc_comm_t *comm, mc_request_t *req);
 
 /* Before the progress thread sleeps: false if an awaited flag is already set; otherwise the
  * fd a peer writes to after setting a flag this rank waits for. */

@@ -86,7 +86,8 @@ typedef struct {
 } shm_peer_t;
 
 struct mc_shm {
-  int n, me;
+  int n, me;      /* this host's ranks, numbered within the group */
+  const int *grp; /* the communicator rank of each (comm->local) */
   size_t slot_bytes, map_bytes, flat_max;
   shm_header_t *self;
   char *self_base;
@@ -114,6 +115,7 @@ static char *red_of(char *base, size_t slot_bytes, uint64_t t) {
   return base + HEADER_BYTES + (2 + (t & 1)) * slot_bytes;
 }
 
+/* Segment and FIFO names of communicator rank `rank`. */
 static void names(const mc_comm_t *comm, int rank, char *seg, size_t seglen, char *wake,
                   size_t wakelen) {
   unsigned long long id = (unsigned long long)comm->id;
@@ -152,16 +154,19 @@ static size_t cma_threshold(void) {
 
 mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
   mc_shm_t *s = calloc(1, sizeof *s);
-  if (!s || !(s->peer = calloc(comm->size, sizeof *s->peer)) ||
-      !(s->srcs = calloc(comm->size, sizeof *s->srcs))) {
+  if (!s || !(s->peer = calloc(comm->local_ranks, sizeof *s->peer)) ||
+      !(s->srcs = calloc(comm->local_ranks, sizeof *s->srcs))) {
     if (s)
       free(s->peer);
     free(s);
     snprintf(err, errlen, "out of memory");
     return MC_ERR_NOMEM;
   }
-  s->n = comm->size;
-  s->me = comm->rank;
+  s->n = comm->local_ranks;
+  s->grp = comm->local;
+  for (int r = 0; r < s->n; r++)
+    if (comm->local[r] == comm->rank)
+      s->me = r;
   s->slot_bytes = (size_t)mc_param_int(MC_PARAM_SHM_SLOT_BYTES);
   if (s->slot_bytes < 4096)
     s->slot_bytes = 4096;
@@ -174,7 +179,7 @@ mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
   s->next_t = 1;
   for (int r = 0; r < s->n; r++)
     s->peer[r].wake_fd = -1;
-  names(comm, s->me, s->seg_name, sizeof s->seg_name, s->wake_path, sizeof s->wake_path);
+  names(comm, comm->rank, s->seg_name, sizeof s->seg_name, s->wake_path, sizeof s->wake_path);
 
   const char *what = "shm_open";
   int fd = shm_open(s->seg_name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -284,7 +289,7 @@ static void probe_cma(const mc_comm_t *comm, mc_shm_t *s) {
       MC_LOG(MC_LOG_INFO, comm->rank,
              "communicator %s: cannot read rank %d's memory (process_vm_readv: %s): large "
              "operations copy through the shared segment",
-             comm->name, r, read ? "another process answered" : strerror(errno));
+             comm->name, s->grp[r], read ? "another process answered" : strerror(errno));
       verdict = CMA_NO;
     }
   }
@@ -305,7 +310,7 @@ static mc_status_t attach(mc_comm_t *comm, char *err, size_t errlen) {
     if (r == s->me || s->peer[r].base)
       continue;
     char seg[80], wake[96];
-    names(comm, r, seg, sizeof seg, wake, sizeof wake);
+    names(comm, s->grp[r], seg, sizeof seg, wake, sizeof wake);
     int fd = shm_open(seg, O_RDONLY | O_CLOEXEC, 0);
     void *p = MAP_FAILED;
     if (fd >= 0) {
@@ -313,20 +318,21 @@ static mc_status_t attach(mc_comm_t *comm, char *err, size_t errlen) {
       close(fd);
     }
     if (p == MAP_FAILED) {
-      snprintf(err, errlen, "cannot map rank %d's segment %s: %s", r, seg, strerror(errno));
+      snprintf(err, errlen, "cannot map rank %d's segment %s: %s", s->grp[r], seg, strerror(errno));
       return MC_ERR_PEER_FAILED;
     }
     s->peer[r].base = p;
     s->peer[r].hdr = p;
     if (s->peer[r].hdr->magic != SHM_MAGIC || s->peer[r].hdr->slot_bytes != s->slot_bytes) {
       snprintf(err, errlen, "rank %d's segment %s has another layout (MC_SHM_SLOT_BYTES differs?)",
-               r, seg);
+               s->grp[r], seg);
       return MC_ERR_INVALID;
     }
     /* read-write, though this rank only writes: a FIFO with no reader left (its owner died)
      * would answer a write with SIGPIPE, which kills a process that does not ignore it */
     if ((s->peer[r].wake_fd = open(wake, O_RDWR | O_NONBLOCK | O_CLOEXEC)) < 0) {
-      snprintf(err, errlen, "cannot open rank %d's wake-up FIFO %s: %s", r, wake, strerror(errno));
+      snprintf(err, errlen, "cannot open rank %d's wake-up FIFO %s: %s", s->grp[r], wake,
+               strerror(errno));
       return MC_ERR_PEER_FAILED;
     }
   }
@@ -553,15 +559,29 @@ static void reduce_all_slots(mc_shm_t *s, mc_request_t *req, void *dst, size_t c
     mc_scale_div(dst, count, req->dtype, s->n);
 }
 
+/* A rank whose signature carries MC_SIG_MISMATCH (a hierarchical operation whose other stages
+ * found the ranks' arguments differ) makes every rank give up, itself included. */
 static bool signatures_agree(mc_shm_t *s, mc_request_t *req, uint64_t t) {
+  if (req->signature & MC_SIG_MISMATCH) {
+    req->mismatch = true;
+    snprintf(req->err, sizeof req->err, "the ranks called it with different arguments");
+    return false;
+  }
   for (int r = 0; r < s->n; r++) {
     uint64_t theirs = s->peer[r].hdr->sig[t & 1];
+    if (r != s->me && (theirs & MC_SIG_MISMATCH)) {
+      req->mismatch = true;
+      snprintf(req->err, sizeof req->err,
+               "rank %d reported that the ranks called this operation with different arguments",
+               s->grp[r]);
+      return false;
+    }
     if (r != s->me && theirs == req->signature &&
         s->peer[r].hdr->single[t & 1] != (uint32_t)req->shm.cma) {
       req->mismatch = true;
       snprintf(req->err, sizeof req->err,
-               "rank %d runs %s #%u %s but this rank %s (MC_ALGO or MC_SHM_CMA_MIN differ?)", r,
-               mc_op_name(req->kind), req->seq,
+               "rank %d runs %s #%u %s but this rank %s (MC_ALGO or MC_SHM_CMA_MIN differ?)",
+               s->grp[r], mc_op_name(req->kind), req->seq,
                req->shm.cma ? "through the shared slots" : "single copy",
                req->shm.cma ? "single copy" : "through the shared slots");
       return false;
@@ -571,7 +591,8 @@ static bool signatures_agree(mc_shm_t *s, mc_request_t *req, uint64_t t) {
       mc_describe_signature(theirs, a, sizeof a);
       mc_describe_signature(req->signature, b, sizeof b);
       req->mismatch = true;
-      snprintf(req->err, sizeof req->err, "rank %d called %s but this rank called %s", r, a, b);
+      snprintf(req->err, sizeof req->err, "rank %d called %s but this rank called %s", s->grp[r], a,
+               b);
       return false;
     }
   }
@@ -678,8 +699,9 @@ static void fail_left(mc_shm_t *s, mc_request_t *req, int r) {
   const shm_header_t *h = s->peer[r].hdr;
   mc_status_t st = h->left_status == MC_ERR_PEER_FAILED ? MC_ERR_PEER_FAILED : MC_ERR_REVOKED;
   char why[MC_ERRLEN];
-  snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: revoked by rank %d: %.255s", s->me,
-           mc_op_name(req->kind), req->seq, req->comm->name, r, h->left_why);
+  snprintf(why, sizeof why, "rank %d: %s #%u on %s failed: revoked by rank %d: %.255s",
+           req->comm->rank, mc_op_name(req->kind), req->seq, req->comm->name, s->grp[r],
+           h->left_why);
   fail_now(req, st, why);
 }
 
@@ -697,7 +719,8 @@ static void fail_read(mc_shm_t *s, mc_request_t *req, int r) {
   char why[MC_ERRLEN];
   snprintf(why, sizeof why,
            "rank %d: %s #%u on %s failed: cannot read rank %d's buffer (process_vm_readv: %s)",
-           s->me, mc_op_name(req->kind), req->seq, req->comm->name, r, strerror(err));
+           req->comm->rank, mc_op_name(req->kind), req->seq, req->comm->name, s->grp[r],
+           strerror(err));
   fail_now(req, err == ESRCH ? MC_ERR_PEER_FAILED : MC_ERR_TRANSPORT, why); /* gone/refused */
 }
 
@@ -918,12 +941,32 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
   return moved;
 }
 
-/* The oldest shm request not yet done: shm operations run one at a time, in order. */
+/* The oldest shm request not yet done: shm operations run one at a time, in order. A
+ * hierarchical operation keeps its place through all its stages (coll/hier.c). */
 static mc_request_t *current(mc_comm_t *comm) {
   for (mc_request_t *req = comm->active_head; req; req = req->next)
     if (req->on_shm && !atomic_load(&req->done))
       return req;
   return NULL;
+}
+
+/* The request whose flags the current operation waits for: itself, or the shm stage of a
+ * hierarchical one (none while that waits for its leaders' stage). */
+static mc_request_t *waiting(mc_comm_t *comm) {
+  mc_request_t *req = current(comm);
+  if (req && req->algo == MC_ALGO_HIER)
+    req = req->stage && req->stage->on_shm && !atomic_load(&req->stage->done) ? req->stage : NULL;
+  return req;
+}
+
+bool mc_shm_run(mc_comm_t *comm, mc_request_t *req) {
+  if (!req->shm.started)
+    start(comm->shm, req);
+  return advance(comm->shm, req);
+}
+
+static bool run_current(mc_comm_t *comm, mc_request_t *req) {
+  return req->algo == MC_ALGO_HIER ? mc_hier_advance(req) : mc_shm_run(comm, req);
 }
 
 bool mc_shm_progress(mc_comm_t *comm) {
@@ -943,20 +986,15 @@ bool mc_shm_progress(mc_comm_t *comm) {
       return true;
     }
   }
-  if (!req->shm.started)
-    start(s, req);
-  bool moved = advance(s, req);
-  while (atomic_load(&req->done) && (req = current(comm))) { /* the next one may be ready too */
-    if (!req->shm.started)
-      start(s, req);
-    moved |= advance(s, req);
-  }
+  bool moved = run_current(comm, req);
+  while (atomic_load(&req->done) && (req = current(comm))) /* the next one may be ready too */
+    moved |= run_current(comm, req);
   return moved;
 }
 
 bool mc_shm_prepare_sleep(mc_comm_t *comm, int *fd) {
   mc_shm_t *s = comm->shm;
-  mc_request_t *req = s && s->attached ? current(comm) : NULL;
+  mc_request_t *req = s && s->attached ? waiting(comm) : NULL;
   *fd = -1;
   if (!req || !req->shm.started)
     return true;
@@ -998,5 +1036,5 @@ void mc_shm_waiting_for(const mc_request_t *req, char *out, size_t len) {
   int listed = 0;
   for (int r = 0; r < s->n && used + 8 < len; r++)
     if (r != s->me && flag(s->peer[r].hdr, off) < want)
-      used += snprintf(out + used, len - used, "%s %d", listed++ ? "," : "", r);
+      used += snprintf(out + used, len - used, "%s %d", listed++ ? "," : "", s->grp[r]);
 }

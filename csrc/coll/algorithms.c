@@ -50,9 +50,7 @@ static bool scratch(mc_request_t *req, size_t bytes) {
 
 /* Rank r's position in a tree rooted at `root`, and the number of ranks in its subtree:
  * virtual rank v heads [v, v + lowest set bit of v), clipped to n (the root heads them all). */
-static int vrank(const mc_request_t *req) {
-  return mod(req->comm->rank - req->root, req->comm->size);
-}
+static int vrank(const mc_request_t *req) { return mod(req->grp_me - req->root, req->grp_n); }
 static int subtree(int v, int n) {
   int low = v & -v;
   return v == 0 || low > n - v ? n - v : low;
@@ -67,8 +65,8 @@ void mc_load_input(const mc_request_t *req, void *dst, const void *in, size_t co
 }
 
 static void setup_reduce(mc_request_t *req, size_t bytes, size_t esz) {
-  const int n = req->comm->size;
-  const bool root = req->comm->rank == req->root;
+  const int n = req->grp_n;
+  const bool root = req->grp_me == req->root;
   if (n == 1) {
     mc_load_input(req, req->out, req->in, req->count);
     return;
@@ -88,7 +86,7 @@ static void setup_reduce(mc_request_t *req, size_t bytes, size_t esz) {
  * directly when it is rank 0, and a rotated copy in scratch otherwise; an inner rank of the
  * tree uses scratch for its subtree; a leaf uses its own block in place. */
 static void setup_tree(mc_request_t *req, size_t bytes) {
-  const int n = req->comm->size, v = vrank(req), sub = subtree(v, n);
+  const int n = req->grp_n, v = vrank(req), sub = subtree(v, n);
   const bool gather = req->kind == MC_OP_GATHER;
   char *mine =
       v == 0 ? at(gather ? req->out : (void *)req->in, req->count * req->root, req->dtype) : NULL;
@@ -109,7 +107,7 @@ static void setup_tree(mc_request_t *req, size_t bytes) {
 
 void mc_algo_setup(mc_request_t *req) {
   mc_comm_t *comm = req->comm;
-  const int n = comm->size;
+  const int n = req->grp_n;
   const size_t esz = mc_dtype_size(req->dtype), bytes = req->count * esz;
   switch (req->kind) {
   case MC_OP_ALLREDUCE: {
@@ -145,12 +143,12 @@ void mc_algo_setup(mc_request_t *req) {
   case MC_OP_SCATTER: setup_tree(req, bytes); break;
   case MC_OP_ALLTOALL:
     if (bytes)
-      memcpy(at(req->out, req->count * comm->rank, req->dtype),
-             at((void *)req->in, req->count * comm->rank, req->dtype), bytes);
+      memcpy(at(req->out, req->count * req->grp_me, req->dtype),
+             at((void *)req->in, req->count * req->grp_me, req->dtype), bytes);
     break;
   case MC_OP_ALLTOALLV: {
     /* vcounts: send counts, send displs, recv counts, recv displs */
-    const size_t *v = req->vcounts, me = (size_t)comm->rank;
+    const size_t *v = req->vcounts, me = (size_t)req->grp_me;
     if (v[me] != v[2 * n + me]) {
       req->mismatch = true; /* peers learn it from the mismatch bit */
       snprintf(req->err, sizeof req->err, "it sends %zu elements to itself but receives %zu", v[me],
@@ -162,7 +160,7 @@ void mc_algo_setup(mc_request_t *req) {
     break;
   }
   case MC_OP_ALLGATHER: {
-    char *mine = at(req->out, req->count * comm->rank, req->dtype);
+    char *mine = at(req->out, req->count * req->grp_me, req->dtype);
     if (req->in != mine && bytes)
       memcpy(mine, req->in, bytes);
     break;
@@ -171,6 +169,7 @@ void mc_algo_setup(mc_request_t *req) {
   }
 }
 
+/* divided by the communicator's size, also in a hierarchical operation's leaders' stage */
 static void finish_avg(mc_request_t *req, void *buf, size_t count) {
   if (req->redop == MC_AVG)
     mc_scale_div(buf, count, req->dtype, req->comm->size);
@@ -179,7 +178,7 @@ static void finish_avg(mc_request_t *req, void *buf, size_t count) {
 /* Recursive doubling; a non-power-of-two size first folds the extra ranks into their
  * neighbours and unfolds them at the end. */
 static bool allreduce_rd(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank;
+  const int n = req->grp_n, r = req->grp_me;
   int p = 1, levels = 0;
   while (p * 2 <= n)
     p *= 2, levels++;
@@ -225,7 +224,7 @@ static bool allreduce_rd(mc_request_t *req) {
 /* Ring: n-1 reduce-scatter steps, then n-1 allgather steps. Rank r ends the first phase
  * owning chunk r+1, which it averages before passing it on. */
 static bool allreduce_ring(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank, s = req->step;
+  const int n = req->grp_n, r = req->grp_me, s = req->step;
   const int right = mod(r + 1, n), left = mod(r - 1, n);
   const size_t esz = mc_dtype_size(req->dtype), count = req->count;
   if (s >= 2 * n - 2)
@@ -257,7 +256,7 @@ static bool allreduce_ring(mc_request_t *req) {
  * the partial of block r-k-2, which it adds to its own input block in `out`. After n-1 steps
  * `out` holds block r reduced over all ranks. Each rank sends (n-1) blocks in all. */
 static bool reduce_scatter_ring(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank, s = req->step;
+  const int n = req->grp_n, r = req->grp_me, s = req->step;
   const size_t count = req->count, bytes = count * mc_dtype_size(req->dtype);
   if (s >= n - 1) {
     finish_avg(req, req->out, count);
@@ -276,7 +275,7 @@ static bool reduce_scatter_ring(mc_request_t *req) {
  * its partial result to its parent and is done; the others receive their child's partial
  * (if that child exists) and reduce it into theirs. Reduces in log2(n) steps. */
 static bool reduce_binomial(mc_request_t *req) {
-  const int n = req->comm->size, v = vrank(req), s = req->step;
+  const int n = req->grp_n, v = vrank(req), s = req->step;
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
   if (s >= 31 || (1 << s) >= n) {
     if (v == 0)
@@ -299,7 +298,7 @@ static bool reduce_binomial(mc_request_t *req) {
  * chunk r+1), then every rank sends its chunk straight to the root, which receives them in
  * place in batches. Each rank sends about 2 (n-1)/n of the data instead of log2(n) times it. */
 static bool reduce_ring(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank, s = req->step, root = req->root;
+  const int n = req->grp_n, r = req->grp_me, s = req->step, root = req->root;
   const size_t esz = mc_dtype_size(req->dtype), count = req->count;
   if (s < n - 1)
     return allreduce_ring(req);
@@ -342,7 +341,7 @@ static char *tree_buf(const mc_request_t *req) {
  * child's subtree next to its own, or sends its whole subtree to its parent. The root's link
  * carries the same n-1 blocks as a linear gather, but in log2(n) messages. */
 static bool gather_binomial(mc_request_t *req) {
-  const int n = req->comm->size, v = vrank(req), s = req->step;
+  const int n = req->grp_n, v = vrank(req), s = req->step;
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
   char *buf = tree_buf(req);
   if (s >= 31 || (1 << s) >= n) {
@@ -367,7 +366,7 @@ static bool gather_binomial(mc_request_t *req) {
 /* Binomial scatter: step 0 receives the rank's subtree from its parent, step 1 sends each
  * child its part, all at once. Every link carries one message, tagged as step 0 at both ends. */
 static bool scatter_binomial(mc_request_t *req) {
-  const int n = req->comm->size, v = vrank(req);
+  const int n = req->grp_n, v = vrank(req);
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
   char *buf = tree_buf(req);
   int low = 1;
@@ -396,7 +395,7 @@ static bool scatter_binomial(mc_request_t *req) {
  * meets exactly once. Step k covers distances [1 + k*B, (k+1)*B] so that small exchanges are
  * not serialised one peer at a time; the step number is the same at both ends. */
 static bool alltoall_pairwise(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank, first = 1 + req->step * ALLTOALL_BATCH;
+  const int n = req->grp_n, r = req->grp_me, first = 1 + req->step * ALLTOALL_BATCH;
   const size_t esz = mc_dtype_size(req->dtype);
   if (first >= n)
     return false;
@@ -417,7 +416,7 @@ static bool alltoall_pairwise(mc_request_t *req) {
 }
 
 static bool allgather_ring(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank, s = req->step;
+  const int n = req->grp_n, r = req->grp_me, s = req->step;
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
   if (s >= n - 1)
     return false;
@@ -430,7 +429,7 @@ static bool allgather_ring(mc_request_t *req) {
 /* Binomial tree rooted at root: step 0 receives from the parent, step 1 sends to all
  * children at once. Each link carries one message, tagged as step 0 at both ends. */
 static bool broadcast_binomial(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank;
+  const int n = req->grp_n, r = req->grp_me;
   const int vr = mod(r - req->root, n);
   const size_t bytes = req->count * mc_dtype_size(req->dtype);
   int mask = 1;
@@ -453,7 +452,7 @@ static bool broadcast_binomial(mc_request_t *req) {
 }
 
 static bool barrier_dissemination(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank;
+  const int n = req->grp_n, r = req->grp_me;
   if (req->step >= 31 || (1 << req->step) >= n)
     return false;
   int dist = 1 << req->step;
@@ -465,7 +464,7 @@ static bool barrier_dissemination(mc_request_t *req) {
 /* Step k greets lower ranks (and hears from higher ones) in [32k, 32k + 32). Each pair
  * exchanges one message, tagged as step 0 at both ends. */
 static bool connect_lower_first(mc_request_t *req) {
-  const int n = req->comm->size, r = req->comm->rank, first = req->step * 32;
+  const int n = req->grp_n, r = req->grp_me, first = req->step * 32;
   if (first >= n)
     return false;
   for (int peer = first; peer < first + 32 && peer < n; peer++)

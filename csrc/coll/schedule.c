@@ -12,8 +12,7 @@
 
 /* signature (remote CQ data): | count:35 | root:15 | mismatch:1 | redop:4 | dtype:5 | kind:4 |
  * alltoallv leaves count 0: its per-peer sizes are checked by the message lengths. */
-#define SIG_MISMATCH (1ULL << 13)
-
+#define SIG_MISMATCH MC_SIG_MISMATCH
 static bool has_root(int kind) {
   return kind == MC_OP_BROADCAST || kind == MC_OP_REDUCE || kind == MC_OP_GATHER ||
          kind == MC_OP_SCATTER;
@@ -58,7 +57,7 @@ void mc_step_add(mc_request_t *req, bool is_send, int peer, void *buf, size_t le
   memset(x, 0, sizeof *x);
   x->req = req;
   x->is_send = is_send;
-  x->peer = peer;
+  x->peer = req->grp_ranks && peer >= 0 ? req->grp_ranks[peer] : peer;
   x->buf = buf;
   x->len = len;
   x->wire_step = req->step;
@@ -187,12 +186,19 @@ static void advance(mc_request_t *req) {
 
 void mc_sched_start(mc_request_t *req) {
   req->signature = signature_of(req);
-  req->step = 0;
-  req->algo = mc_algo_choose(req);
-  if (mc_algo_is_shm(req->algo)) {
+  if (req->algo == MC_ALGO_DEFAULT) /* else set by the engine (creation's host barrier) */
+    req->algo = mc_algo_choose(req);
+  if (req->algo == MC_ALGO_HIER && !req->comm->shm)
+    mc_hier_leaders_only(req);
+  if (mc_algo_is_shm(req->algo) || req->algo == MC_ALGO_HIER) {
     req->on_shm = true; /* the progress loop runs it (mc_shm_progress) */
     return;
   }
+  mc_sched_run(req);
+}
+
+void mc_sched_run(mc_request_t *req) {
+  req->step = 0;
   mc_algo_setup(req);
   if (atomic_load(&req->done))
     return; /* setup failed */

@@ -28,6 +28,7 @@ static const struct {
     {"shm_two_phase", MC_ALGO_SHM_TWO_PHASE},
     {"shm_slots", MC_ALGO_SHM_SLOTS},
     {"shm_cma", MC_ALGO_SHM_CMA},
+    {"hier", MC_ALGO_HIER},
 };
 
 bool mc_algo_is_shm(mc_algo_t a) {
@@ -42,7 +43,7 @@ static bool offers(mc_op_kind_t kind, mc_algo_t a) {
   switch (kind) {
   case MC_OP_ALLREDUCE:
     return a == MC_ALGO_SHM_FLAT || a == MC_ALGO_SHM_TWO_PHASE || a == MC_ALGO_RD ||
-           a == MC_ALGO_RING;
+           a == MC_ALGO_RING || a == MC_ALGO_HIER;
   case MC_OP_REDUCE_SCATTER:
   case MC_OP_ALLGATHER: return a == MC_ALGO_SHM || a == MC_ALGO_RING;
   case MC_OP_BROADCAST: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL;
@@ -148,26 +149,32 @@ static size_t rule_bytes(const mc_request_t *req) { return req->count * mc_dtype
 
 mc_algo_t mc_algo_choose(const mc_request_t *req) {
   const mc_comm_t *comm = req->comm;
-  if (comm->size == 1)
+  if (req->grp_n == 1)
     return MC_ALGO_TRIVIAL;
   pthread_once(&parse_once, parse);
   size_t bytes = rule_bytes(req);
-  bool can_shm = comm->shm && mc_shm_supports(req->kind);
+  bool can_shm = comm->all_local && comm->shm && mc_shm_supports(req->kind);
+  /* a hierarchical operation's stages are requests of their own: they never nest */
+  bool can_hier = comm->hier && !req->grp_ranks && req->kind == MC_OP_ALLREDUCE;
   for (int i = 0; i < nrules; i++) {
     const rule_t *r = &rules[i];
     if (r->kind != req->kind || bytes < r->min || bytes >= r->max)
       continue;
     if (mc_algo_is_shm(r->algo) && !can_shm)
       break; /* not on one host: the default below */
-    if (r->algo == MC_ALGO_RING && req->count < (size_t)comm->size &&
+    if (r->algo == MC_ALGO_HIER && !can_hier)
+      break;
+    if (r->algo == MC_ALGO_RING && req->count < (size_t)req->grp_n &&
         (req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_REDUCE))
       break; /* fewer elements than ranks: the ring has no chunks to pass around */
     return r->algo;
   }
   if (can_shm)
     return MC_ALGO_SHM;
+  if (can_hier)
+    return MC_ALGO_HIER;
   bool large =
-      bytes >= (size_t)mc_param_int(MC_PARAM_RING_MIN_BYTES) && req->count >= (size_t)comm->size;
+      bytes >= (size_t)mc_param_int(MC_PARAM_RING_MIN_BYTES) && req->count >= (size_t)req->grp_n;
   switch (req->kind) {
   case MC_OP_ALLREDUCE: return large ? MC_ALGO_RING : MC_ALGO_RD;
   case MC_OP_REDUCE: return large ? MC_ALGO_RING : MC_ALGO_BINOMIAL;

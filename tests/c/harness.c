@@ -2,7 +2,9 @@
 #include "harness.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -40,6 +42,28 @@ static void *on_fork_arg;
 void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg) {
   on_fork = fn;
   on_fork_arg = arg;
+}
+
+static char netns_prefix[200];
+static int netns_count;
+
+static void enter_netns(int rank, void *arg) {
+  (void)arg;
+  char path[256];
+  snprintf(path, sizeof path, "/var/run/netns/%s-r%d", netns_prefix,
+           netns_count > 0 ? rank % netns_count : rank);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || setns(fd, CLONE_NEWNET)) {
+    perror(path);
+    _exit(2);
+  }
+  close(fd);
+}
+
+void mc_harness_netns(const char *prefix, int count) {
+  snprintf(netns_prefix, sizeof netns_prefix, "%s", prefix);
+  netns_count = count;
+  mc_harness_on_fork(enter_netns, NULL);
 }
 
 static int find(const char *key) {
@@ -181,6 +205,14 @@ void *mc_harness_scratch(void) { return shared->scratch; }
 int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s) {
   if (!shared)
     init_shared();
+  const char *netns = getenv("MC_TEST_NETNS"); /* <prefix>:<count> */
+  if (netns && !on_fork) {
+    const char *colon = strrchr(netns, ':');
+    char prefix[200];
+    snprintf(prefix, sizeof prefix, "%.*s", colon ? (int)(colon - netns) : (int)strlen(netns),
+             netns);
+    mc_harness_netns(prefix, colon ? atoi(colon + 1) : 0);
+  }
   shared->nkeys = 0;
   memset(shared->expected_death, 0, sizeof shared->expected_death);
   memset(shared->scratch, 0, sizeof shared->scratch);

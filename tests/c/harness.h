@@ -17,6 +17,10 @@ int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s);
 /* Called in each forked rank before its communicator is created (e.g. to enter a network
  * namespace); NULL: nothing. */
 void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg);
+/* Rank r enters the network namespace /var/run/netns/<prefix>-r<r % count> before it creates
+ * its communicator: `count` "hosts" joined by veth links (python/mooncake/fault/netns.py makes
+ * them). The environment variable MC_TEST_NETNS=<prefix>:<count> does the same for any test. */
+void mc_harness_netns(const char *prefix, int count);
 
 /* The shared store, for ranks that create further communicators. `prefix` keeps their keys
  * apart. */

@@ -356,19 +356,6 @@ static int body(mc_comm_t *comm, void *arg) {
   return rc;
 }
 
-static void enter_netns(int rank, void *arg) {
-  const opts_t *o = arg;
-  char path[256];
-  snprintf(path, sizeof path, "/var/run/netns/%s-r%d", o->netns,
-           o->netns_count > 0 ? rank % o->netns_count : rank);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0 || setns(fd, CLONE_NEWNET)) {
-    perror(path);
-    _exit(2);
-  }
-  close(fd);
-}
-
 static size_t parse_size(const char *s) {
   char *end;
   double v = strtod(s, &end);
@@ -464,7 +451,7 @@ int main(int argc, char **argv) {
     o.ops[o.nops++] = k;
   }
   if (o.netns)
-    mc_harness_on_fork(enter_netns, &o);
+    mc_harness_netns(o.netns, o.netns_count);
   /* rank 0 measuring memcpy on a loaded machine must not be declared failed */
   setenv("MC_FAILURE_TIMEOUT_MS", "10000", 0);
   printf("# mc-bench: %d ranks, sizes %zu..%zu x%d, MC_TRANSPORT=%s MC_OFI_STREAMS=%s%s%s\n",
