@@ -16,6 +16,12 @@ import traceback
 def _entry(fn, rank, world, store_path, args, results):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        hosts = os.environ.get("MC_TEST_NETNS")  # "<lab>:<N>": rank r on host r % N
+        if hosts:
+            from mooncake.bench import _enter_netns
+
+            lab, n = hosts.rsplit(":", 1)
+            _enter_netns(f"{lab}-r{rank % int(n)}")
         import torch
 
         torch.set_num_threads(1)  # up to 4 ranks share 2 cores

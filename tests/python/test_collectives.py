@@ -15,18 +15,32 @@ MIN_CHECKS = {"allreduce": 190, "reduce_scatter": 140, "allgather": 100, "broadc
 
 
 # "transport": the shared-memory path off (MC_SHM=0), so the same checks run the transport's
-# algorithms (ring, recursive doubling, trees) over tcp loopback.
-@pytest.fixture(scope="module", params=[(2, ""), (4, ""), (4, "transport")],
-                ids=["world2", "world4", "world4-transport"])
+# algorithms (ring, recursive doubling, trees) over tcp loopback. "hosts2": the ranks on two
+# "hosts" (network namespaces joined by veth links; rank r on host r % 2), so allreduce is
+# hierarchical (shared memory on each host, tcp between them) and the rest runs over tcp.
+@pytest.fixture(scope="module", params=[(2, ""), (4, ""), (4, "transport"), (4, "hosts2")],
+                ids=["world2", "world4", "world4-transport", "world4-hosts2"])
 def battery(request):
     world, variant = request.param
     mp = pytest.MonkeyPatch()
+    lab = None
     if variant == "transport":
         mp.setenv("MC_SHM", "0")
+    if variant == "hosts2":
+        from mooncake.fault import netns
+
+        ok, why = netns.available()
+        assert ok, f"network namespaces are needed (root): {why}"
+        lab = netns.Lab(2).__enter__()
+        for var in ("MC_OFI_IFACE", "FI_TCP_IFACE", "GLOO_SOCKET_IFNAME"):
+            mp.setenv(var, netns.IFACE)
+        mp.setenv("MC_TEST_NETNS", f"{lab.name}:2")
     try:
-        return world, run_ranks(_workers.battery, world, 240)
+        return world, run_ranks(_workers.battery, world, 300)
     finally:
         mp.undo()
+        if lab:
+            lab.close()
 
 
 @pytest.mark.parametrize("category", CATEGORIES)
