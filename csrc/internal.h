@@ -104,10 +104,16 @@ struct mc_request {
    * operation runs its middle stage over the hosts' leaders. */
   int grp_me, grp_n;
   const int *grp_ranks;
-  /* hierarchical (coll/hier.c): the stage that runs now, a request of its own */
-  struct mc_request *stage;
-  int hier_stage;
-  bool on_shm; /* run by the shared-memory path (backend/shm), not by steps */
+  /* hierarchical (coll/hier.c): stages are requests of their own; the host's shm stages run one
+   * at a time in a fixed order, the leaders' stage of one segment beside them */
+  struct {
+    struct mc_request *shm, *leaders; /* the stages running now */
+    size_t segs, seg_elems;           /* pipeline segments, elements each */
+    size_t shm_started;        /* shm stages started (reduce 0, reduce 1, broadcast 0, ...) */
+    size_t reduced, exchanged; /* segments through the host's reduce / the leaders */
+  } hier;
+  int step_base; /* added to the step number on the wire (a hierarchical segment's parity) */
+  bool on_shm;   /* run by the shared-memory path (backend/shm), not by steps */
   struct {
     bool started;
     bool cma; /* single copy from the peers' buffers instead of the slots */
@@ -259,9 +265,10 @@ void mc_algo_setup(mc_request_t *req);     /* choose algorithm and scratch space
 void mc_step_add(mc_request_t *req, bool is_send, int peer, void *buf, size_t len);
 
 /* hierarchical operations (coll/hier.c) */
-/* This rank is alone on its host: it runs the leaders' stage only, as the request itself. */
-void mc_hier_leaders_only(mc_request_t *req);
-/* Advances the stages of a hierarchical request that holds the shm path; true if it moved. */
+/* Advances the stages of a hierarchical request; true if it moved. On a host with several ranks
+ * the shm path calls it for the request at its head; a rank alone on its host has no shm path
+ * and calls mc_hier_progress, which advances its oldest hierarchical request. */
 bool mc_hier_advance(mc_request_t *req);
+bool mc_hier_progress(mc_comm_t *comm);
 
 #endif

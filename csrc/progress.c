@@ -204,8 +204,8 @@ static void reap(mc_comm_t *comm) {
 
 /* Names the peers a request still waits for, e.g. "1, 3". */
 static void waiting_for(const mc_request_t *req, char *out, size_t len) {
-  if (req->stage) /* hierarchical: its current stage */
-    req = req->stage;
+  if (req->hier.shm || req->hier.leaders) /* hierarchical: the stage it waits for */
+    req = req->hier.shm ? req->hier.shm : req->hier.leaders;
   if (req->on_shm) {
     mc_shm_waiting_for(req, out, len);
     return;
@@ -355,6 +355,8 @@ static bool progress_pass(mc_comm_t *comm, int64_t *nearest, bool *stop) {
   busy |= drain_completions(comm);
   if (broken == MC_OK && comm->shm)
     busy |= mc_shm_progress(comm);
+  else if (broken == MC_OK && comm->hier)
+    busy |= mc_hier_progress(comm); /* alone on this host */
   *nearest = check_deadlines(comm, mc_now_ns());
   reap(comm);
   return busy;

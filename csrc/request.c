@@ -41,8 +41,10 @@ void mc_request_release(mc_request_t *req) {
   pthread_mutex_unlock(&req->lock);
   if (left)
     return;
-  if (req->stage)
-    mc_request_release(req->stage);
+  if (req->hier.shm)
+    mc_request_release(req->hier.shm);
+  if (req->hier.leaders)
+    mc_request_release(req->hier.leaders);
   free(req->tmp);
   free(req->vcounts);
   pthread_mutex_destroy(&req->lock);

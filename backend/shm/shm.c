@@ -73,6 +73,7 @@ typedef struct {
   uint64_t buf_in[2], buf_out[2]; /* the operation's buffers, for the arrival in slot t % 2 */
   _Alignas(64) uint64_t sig[2];   /* signature of the operation whose chunk is in slot[i] */
   uint32_t single[2];             /* and whether it runs single copy (checked with it) */
+  uint32_t seq[2];                /* and its sequence number */
   uint64_t magic;
   uint64_t slot_bytes;
 } shm_header_t;
@@ -531,6 +532,7 @@ static void copy_in(mc_shm_t *s, mc_request_t *req, chunk_t c) {
   }
   s->self->sig[c.t & 1] = req->signature;
   s->self->single[c.t & 1] = 0;
+  s->self->seq[c.t & 1] = req->seq;
   publish(s, &s->self->arrived, c.t);
 }
 
@@ -557,6 +559,28 @@ static void reduce_all_slots(mc_shm_t *s, mc_request_t *req, void *dst, size_t c
   mc_reduce_many(dst, s->srcs, s->n, count, req->dtype, req->redop);
   if (req->redop == MC_AVG)
     mc_scale_div(dst, count, req->dtype, s->n);
+}
+
+/* The ranks of a chunk run operations with different sequence numbers: they called different
+ * operations before this one (one that ran over the transport on some ranks), so they are out
+ * of step for good. Every rank of the host sees it; the communicator is revoked everywhere. */
+static bool in_step(mc_shm_t *s, mc_request_t *req, uint64_t t) {
+  for (int r = 0; r < s->n; r++) {
+    uint32_t theirs = s->peer[r].hdr->seq[t & 1];
+    if (r == s->me || theirs == req->seq)
+      continue;
+    mc_comm_t *comm = req->comm;
+    char why[MC_ERRLEN];
+    snprintf(why, sizeof why,
+             "rank %d: %s #%u on %s: rank %d runs its collective #%u on the shared memory at the "
+             "same time: the ranks called different operations before it",
+             comm->rank, mc_op_name(req->kind), req->seq, comm->name, s->grp[r], theirs);
+    mc_comm_break(comm, MC_ERR_REVOKED, why);
+    mc_shm_leave(comm, MC_ERR_REVOKED, why);
+    mc_request_complete(req, MC_ERR_MISMATCH, "%s", why);
+    return false;
+  }
+  return true;
 }
 
 /* A rank whose signature carries MC_SIG_MISMATCH (a hierarchical operation whose other stages
@@ -740,6 +764,7 @@ static void cma_arrive(mc_shm_t *s, mc_request_t *req, uint64_t t) {
   s->self->buf_out[t & 1] = (uintptr_t)req->out;
   s->self->sig[t & 1] = req->signature;
   s->self->single[t & 1] = 1;
+  s->self->seq[t & 1] = req->seq;
   publish(s, &s->self->arrived, t);
 }
 
@@ -911,6 +936,8 @@ static bool advance(mc_shm_t *s, mc_request_t *req) {
               s->peer[r].hdr->cma_min != s->cma_min)
             s->cma_all = 0;
       }
+      if (req->shm.chunk == 0 && !in_step(s, req, c.t))
+        return true;
       if (req->shm.chunk == 0 && !signatures_agree(s, req, c.t)) {
         /* every rank sees a difference; each gives up after this chunk, flags consistent */
         publish(s, &s->self->reduced, c.t);
@@ -955,7 +982,7 @@ static mc_request_t *current(mc_comm_t *comm) {
 static mc_request_t *waiting(mc_comm_t *comm) {
   mc_request_t *req = current(comm);
   if (req && req->algo == MC_ALGO_HIER)
-    req = req->stage && req->stage->on_shm && !atomic_load(&req->stage->done) ? req->stage : NULL;
+    req = req->hier.shm && !atomic_load(&req->hier.shm->done) ? req->hier.shm : NULL;
   return req;
 }
 

@@ -4,153 +4,266 @@
  * shared memory. Each byte crosses a host boundary once per leader instead of once per rank,
  * and the ranks of one host do not talk to each other over loopback TCP.
  *
- * Each stage is a request of its own (kind reduce, allreduce over the leaders, broadcast) that
- * carries the operation's sequence number and signature; the operation keeps its place on the
- * shm path through all three, so the ranks of a host run their stages in the same order. A
- * rank alone on its host runs the leaders' stage only, as the operation itself
- * (mc_hier_leaders_only).
+ * Pipelined: an operation larger than MC_HIER_SEGMENT_BYTES is cut into segments, and the
+ * host's shm stages of one segment run while the leaders exchange another. Every stage is a
+ * request of its own (kind reduce, allreduce over the leaders, broadcast) carrying the
+ * operation's sequence number, signature and deadline. The operation keeps its place at the
+ * head of the shm path until its last stage, and every rank of a host runs the shm stages in
+ * one fixed order: reduce 0, then reduce k and broadcast k-1 for k = 1, 2, ..., then the last
+ * broadcast (a leader starts broadcast k once the leaders have exchanged segment k). The
+ * leaders exchange one segment at a time, so a leader is at most one segment ahead of another:
+ * the segment's parity picks one half of the tag's step numbers (step_base), and two segments
+ * in flight never share a tag. A rank alone on its host runs the leaders' stages only, from
+ * its input (mc_hier_progress drives it, as it has no shm path).
  *
- * Ranks whose arguments differ: the stage that sees it (the host's reduce, or the leaders'
- * allreduce) completes with a mismatch, and the later stages carry MC_SIG_MISMATCH in their
- * signature, so every rank of every host learns it and gives up after one chunk, with the
- * flags in step; the communicator stays usable, as with the flat algorithms. Any other failure
- * of a stage revokes the communicator on every rank: the other hosts would otherwise wait for
- * this one until their timeout. */
-#include "internal.h"
-#include "shm.h"
+ * Ranks whose arguments differ (and so may not even agree on the number of segments): the
+ * signatures of the first segment's stages tell. The host's reduce 0 shows a difference on a
+ * host to all its ranks; the leaders' allreduce 0 carries it (MC_SIG_MISMATCH) to every leader
+ * and shows a difference between leaders; a leader starts its second shm stage only after
+ * that, and marks it, so every rank of every host knows after its second shm stage. A rank
+ * that knows runs no further stage (later stages carry the mark, and a marked shm stage gives
+ * up after one chunk on every rank of the host, flags in step): the operation fails with
+ * MC_ERR_MISMATCH everywhere and the communicator stays usable, as with the flat algorithms.
+ * Any other failure of a stage revokes the communicator on every rank: the other hosts would
+ * otherwise wait for this one until their timeout. */
 #include <stdio.h>
 #include <string.h>
 
-enum { ST_NONE, ST_REDUCE, ST_LEADERS, ST_BROADCAST, ST_DONE };
+#include "internal.h"
+#include "shm.h"
 
-static const char *stage_name(int stage) {
-  return stage == ST_REDUCE    ? "reduce to the host's leader"
-         : stage == ST_LEADERS ? "leaders' allreduce"
-                               : "broadcast from the host's leader";
+/* Step numbers a segment's leaders' allreduce may use: half of those the tag has. */
+#define SEGMENT_STEPS (1 << (MC_STEP_BITS - 1))
+
+typedef struct {
+  size_t off, count; /* elements */
+} seg_t;
+
+static seg_t segment(const mc_request_t *h, size_t k) {
+  seg_t s = {k * h->hier.seg_elems, 0};
+  s.count = h->count > s.off ? h->count - s.off : 0;
+  if (s.count > h->hier.seg_elems)
+    s.count = h->hier.seg_elems;
+  return s;
 }
 
-static void view_leaders(mc_request_t *req) {
-  mc_comm_t *comm = req->comm;
-  req->grp_ranks = comm->leaders;
-  req->grp_me = comm->host_of[comm->rank];
-  req->grp_n = comm->nhosts;
+/* The same on every rank that called the same operation (count, dtype, the parameter and the
+ * number of hosts are). */
+static void plan(mc_request_t *h) {
+  size_t esz = mc_dtype_size(h->dtype);
+  size_t elems = (size_t)mc_param_int(MC_PARAM_HIER_SEGMENT_BYTES) / esz;
+  bool fits = 2 * (h->comm->nhosts - 1) < SEGMENT_STEPS; /* the ring's steps */
+  if (!elems || !fits || h->count <= elems) {
+    h->hier.segs = 1;
+    h->hier.seg_elems = h->count ? h->count : 1;
+  } else {
+    h->hier.segs = (h->count + elems - 1) / elems;
+    h->hier.seg_elems = elems;
+  }
+  if (!h->comm->shm) /* alone on this host: its input is the host's sum */
+    h->hier.reduced = h->hier.segs;
 }
 
-void mc_hier_leaders_only(mc_request_t *req) {
-  view_leaders(req);
-  req->algo = mc_algo_choose(req);
+/* The host's shm stage number j in the order every rank of the host runs them; *k is its
+ * segment. True for a reduce, false for a broadcast. */
+static bool shm_stage(const mc_request_t *h, size_t j, size_t *k) {
+  if (j % 2 == 0 && j > 0) {
+    *k = j / 2 - 1;
+    return false;
+  }
+  *k = (j + 1) / 2;
+  if (*k < h->hier.segs)
+    return true;
+  *k = h->hier.segs - 1;
+  return false;
 }
 
-/* A stage of h: the same sequence number, signature and deadline, so that a mismatch or a
- * timeout names the operation the ranks called. */
-static mc_request_t *stage_new(mc_request_t *h, mc_op_kind_t kind, const void *in) {
+static const char *stage_name(const mc_request_t *st) {
+  return st->kind == MC_OP_REDUCE      ? "reduce to the host's leader"
+         : st->kind == MC_OP_ALLREDUCE ? "leaders' allreduce"
+                                       : "broadcast from the host's leader";
+}
+
+static size_t segment_of(const mc_request_t *h, const mc_request_t *st) {
+  size_t bytes = (size_t)((const char *)st->out - (const char *)h->out);
+  return bytes / mc_dtype_size(h->dtype) / h->hier.seg_elems;
+}
+
+/* Why stage st failed: "its reduce to the host's leader stage (segment 2 of 8): <cause>". */
+static void describe(const mc_request_t *h, const mc_request_t *st, char *out, size_t len) {
+  char seg[48] = "";
+  if (h->hier.segs > 1)
+    snprintf(seg, sizeof seg, " (segment %zu of %zu)", segment_of(h, st) + 1, h->hier.segs);
+  snprintf(out, len, "its %s stage%s: %.800s", stage_name(st), seg, st->err);
+}
+
+static void fail(mc_request_t *h, mc_status_t st, const char *cause) {
+  mc_comm_t *comm = h->comm;
+  char why[MC_ERRLEN];
+  snprintf(why, sizeof why, "rank %d: allreduce #%u on %s failed in %.900s", comm->rank, h->seq,
+           comm->name, cause);
+  mc_status_t broke = st == MC_ERR_MISMATCH ? MC_ERR_REVOKED : st;
+  mc_comm_break(comm, broke, why);
+  mc_ctrl_revoke(comm->ctrl, comm->epoch, why); /* also when this rank was not the first */
+  mc_shm_leave(comm, broke, why);
+  mc_request_complete(h, st, "%s", why);
+}
+
+/* False if stage st failed, and h with it. */
+static bool stage_ok(mc_request_t *h, const mc_request_t *st) {
+  char cause[MC_ERRLEN];
+  if (st->status == MC_OK)
+    return true;
+  describe(h, st, cause, sizeof cause);
+  if (st->status == MC_ERR_MISMATCH) {
+    if (!h->mismatch) { /* the first stage to see it explains it */
+      h->mismatch = true;
+      snprintf(h->err, sizeof h->err, "rank %d: allreduce #%u on %s: %.900s", h->comm->rank, h->seq,
+               h->comm->name, cause);
+    }
+    return true;
+  }
+  fail(h, st->status, cause);
+  return false;
+}
+
+/* Stage `kind` of segment k, or NULL (h has failed). */
+static mc_request_t *stage_new(mc_request_t *h, mc_op_kind_t kind, size_t k) {
+  seg_t s = segment(h, k);
+  size_t esz = mc_dtype_size(h->dtype);
   mc_request_t *st = mc_request_new(h->comm, kind);
-  if (!st)
+  if (!st) {
+    fail(h, MC_ERR_NOMEM, "a stage: out of memory");
     return NULL;
+  }
   st->seq = h->seq;
   st->signature = h->signature | (h->mismatch ? MC_SIG_MISMATCH : 0);
   st->deadline_ns = h->deadline_ns;
-  st->in = in;
-  st->out = h->out;
-  st->count = h->count;
+  st->in = s.count ? (const char *)h->in + s.off * esz : h->in;
+  st->out = s.count ? (char *)h->out + s.off * esz : h->out;
+  st->count = s.count;
   st->dtype = h->dtype;
   st->redop = h->redop;
   st->factor = h->factor;
   return st;
 }
 
-/* Creates and starts stage `stage` of h; false if out of memory (h has failed). */
-static bool start_stage(mc_request_t *h, int stage) {
-  mc_comm_t *comm = h->comm;
-  mc_request_t *st = NULL;
-  switch (stage) {
-  case ST_REDUCE:
-    if ((st = stage_new(h, MC_OP_REDUCE, h->in))) {
-      if (st->redop == MC_AVG) /* the leaders' stage divides by the communicator's size */
-        st->redop = MC_SUM;
-    }
-    break;
-  case ST_LEADERS:
-    if ((st = stage_new(h, MC_OP_ALLREDUCE, h->out))) {
-      if (st->redop == MC_PREMUL_SUM) /* the host's stage scaled the inputs */
-        st->redop = MC_SUM;
-      if (h->mismatch) { /* the other leaders learn it from the signature */
-        st->mismatch = true;
-        snprintf(st->err, sizeof st->err, "this host's ranks called it with different arguments");
-      }
-      view_leaders(st);
-      st->algo = mc_algo_choose(st);
-    }
-    break;
-  default: st = stage_new(h, MC_OP_BROADCAST, h->out); break;
-  }
-  if (!st) {
-    mc_comm_revoke_local(comm, MC_ERR_NOMEM, "out of memory for a hierarchical stage");
-    mc_shm_leave(comm, MC_ERR_NOMEM, "out of memory");
-    mc_request_complete(h, MC_ERR_NOMEM, "rank %d: allreduce #%u on %s: out of memory", comm->rank,
-                        h->seq, comm->name);
+static bool start_shm(mc_request_t *h, bool reduce, size_t k) {
+  mc_request_t *st = stage_new(h, reduce ? MC_OP_REDUCE : MC_OP_BROADCAST, k);
+  if (!st)
     return false;
-  }
-  if (h->stage)
-    mc_request_release(h->stage);
-  h->stage = st;
-  h->hier_stage = stage;
-  if (stage == ST_LEADERS) {
-    mc_progress_adopt(comm, st); /* the active list holds the engine's reference */
-  } else {
-    st->refs = 1; /* h's only: the shm path runs it through h */
-    st->algo = MC_ALGO_SHM;
-    st->on_shm = true;
-    st->root = 0; /* the leader, numbered within the host's group */
-  }
+  if (st->redop == MC_AVG || !reduce) /* the leaders' stage divides by the communicator's size;
+                                         a broadcast reduces nothing (PREMUL_SUM would keep it
+                                         off the single copy) */
+    st->redop = MC_SUM;
+  if (!reduce)
+    st->in = st->out;
+  st->refs = 1; /* h's only: the shm path runs it through h */
+  st->algo = MC_ALGO_SHM;
+  st->on_shm = true;
+  st->root = 0; /* the leader, numbered within the host's group */
+  h->hier.shm = st;
   return true;
 }
 
-static void fail_stage(mc_request_t *h) {
+static bool start_leaders(mc_request_t *h, size_t k) {
   mc_comm_t *comm = h->comm;
-  const mc_request_t *st = h->stage;
+  mc_request_t *st = stage_new(h, MC_OP_ALLREDUCE, k);
+  if (!st)
+    return false;
+  if (comm->shm) { /* the host's reduce left the host's sum in out, scaled for PREMUL_SUM */
+    st->in = st->out;
+    if (st->redop == MC_PREMUL_SUM)
+      st->redop = MC_SUM;
+  }
+  if (h->mismatch) { /* the other leaders learn it from the signature */
+    st->mismatch = true;
+    snprintf(st->err, sizeof st->err, "this host's ranks called it with different arguments");
+  }
+  st->grp_ranks = comm->leaders;
+  st->grp_me = comm->host_of[comm->rank];
+  st->grp_n = comm->nhosts;
+  st->step_base = (int)(k & 1) * SEGMENT_STEPS;
+  st->algo = mc_algo_choose(st);
+  h->hier.leaders = st;
+  mc_progress_adopt(comm, st); /* the active list holds the engine's reference */
+  return true;
+}
+
+static void finish(mc_request_t *h) {
   char why[MC_ERRLEN];
-  snprintf(why, sizeof why, "rank %d: allreduce #%u on %s failed in its %s stage: %.850s",
-           comm->rank, h->seq, comm->name, stage_name(h->hier_stage), st->err);
-  mc_status_t broke = st->status == MC_ERR_MISMATCH ? MC_ERR_REVOKED : st->status;
-  mc_comm_break(comm, broke, why);
-  mc_ctrl_revoke(comm->ctrl, comm->epoch, why); /* also when this rank was not the first */
-  mc_shm_leave(comm, broke, why);
-  mc_request_complete(h, st->status, "%s", why);
+  memcpy(why, h->err, sizeof why); /* completing writes h->err */
+  if (h->mismatch)
+    mc_request_complete(h, MC_ERR_MISMATCH, "%s", why);
+  else
+    mc_sched_finish(h);
 }
 
 bool mc_hier_advance(mc_request_t *h) {
   mc_comm_t *comm = h->comm;
+  const bool leader = comm->rank == comm->local[0];
   bool moved = false;
+  if (!h->hier.segs)
+    plan(h);
   while (!atomic_load(&h->done)) {
-    mc_request_t *st = h->stage;
-    if (st && st->on_shm && !atomic_load(&st->done))
-      moved |= mc_shm_run(comm, st);
+    bool stepped = false;
+    mc_request_t *st = h->hier.shm;
     if (st && !atomic_load(&st->done))
-      return moved; /* the leaders' stage moves with its transfers */
+      moved |= mc_shm_run(comm, st);
+    if (st && atomic_load(&st->done)) {
+      if (!stage_ok(h, st))
+        return true;
+      h->hier.reduced += st->kind == MC_OP_REDUCE;
+      mc_request_release(st);
+      h->hier.shm = NULL;
+      stepped = true;
+    }
+    if ((st = h->hier.leaders) && atomic_load(&st->done)) {
+      if (!stage_ok(h, st))
+        return true;
+      h->hier.exchanged++;
+      mc_request_release(st);
+      h->hier.leaders = NULL;
+      stepped = true;
+    }
+    /* a mismatch ends the stages once every rank knows: after the leaders' first, and after
+     * the host's second */
+    size_t leader_stages = h->mismatch ? 1 : h->hier.segs;
+    size_t shm_stages = h->mismatch ? 2 : 2 * h->hier.segs;
+    /* the leaders exchange a segment once the host has reduced it, one segment at a time */
+    if (leader && !h->hier.leaders && h->hier.exchanged < h->hier.reduced &&
+        h->hier.exchanged < leader_stages) {
+      if (!start_leaders(h, h->hier.exchanged))
+        return true;
+      stepped = true;
+    }
+    /* the host's next shm stage; a leader goes past the first only once the leaders have
+     * exchanged segment 0 (and would mark a mismatch), and broadcasts only what they exchanged */
+    size_t k;
+    if (comm->shm && !h->hier.shm && h->hier.shm_started < shm_stages) {
+      bool reduce = shm_stage(h, h->hier.shm_started, &k);
+      if (!leader || h->hier.shm_started == 0 || h->hier.exchanged > (reduce ? 0 : k)) {
+        if (!start_shm(h, reduce, k))
+          return true;
+        h->hier.shm_started++;
+        stepped = true;
+      }
+    }
+    bool host_done = !comm->shm || (h->hier.shm_started >= shm_stages && !h->hier.shm);
+    if (host_done && (!leader || h->hier.exchanged >= leader_stages)) {
+      finish(h);
+      return true;
+    }
+    if (!stepped)
+      return moved;
     moved = true;
-    if (st && st->status == MC_ERR_MISMATCH && !h->mismatch) {
-      h->mismatch = true; /* the first stage to see it explains it */
-      snprintf(h->err, sizeof h->err, "rank %d: allreduce #%u on %s: its %s stage: %.850s",
-               comm->rank, h->seq, comm->name, stage_name(h->hier_stage), st->err);
-    } else if (st && st->status != MC_OK && st->status != MC_ERR_MISMATCH) {
-      fail_stage(h);
-      return true;
-    }
-    int next = h->hier_stage + 1;
-    if (next == ST_LEADERS && comm->rank != comm->local[0])
-      next++; /* not the leader: wait for its broadcast */
-    if (next == ST_DONE) {
-      char why[MC_ERRLEN];
-      memcpy(why, h->err, sizeof why); /* completing writes h->err */
-      if (h->mismatch)
-        mc_request_complete(h, MC_ERR_MISMATCH, "%s", why);
-      else
-        mc_sched_finish(h);
-      return true;
-    }
-    if (!start_stage(h, next))
-      return true;
   }
-  return moved;
+  return true;
+}
+
+bool mc_hier_progress(mc_comm_t *comm) {
+  for (mc_request_t *req = comm->active_head; req; req = req->next)
+    if (req->algo == MC_ALGO_HIER && !atomic_load(&req->done))
+      return mc_hier_advance(req);
+  return false;
 }

@@ -86,7 +86,8 @@ static void fail_broken(mc_request_t *req, mc_status_t st, const char *why) {
 static uint32_t wire_payload(const mc_request_t *req, const mc_xfer_t *x) {
   if (req->kind == MC_OP_SEND || req->kind == MC_OP_RECV)
     return req->seq; /* user tag */
-  return (req->seq & 0xffff) << MC_STEP_BITS | (x->wire_step & ((1 << MC_STEP_BITS) - 1));
+  return (req->seq & 0xffff) << MC_STEP_BITS |
+         ((x->wire_step + req->step_base) & ((1 << MC_STEP_BITS) - 1));
 }
 
 /* Posts whatever of the current step is not posted yet. A full queue leaves the rest for the
@@ -188,9 +189,11 @@ void mc_sched_start(mc_request_t *req) {
   req->signature = signature_of(req);
   if (req->algo == MC_ALGO_DEFAULT) /* else set by the engine (creation's host barrier) */
     req->algo = mc_algo_choose(req);
-  if (req->algo == MC_ALGO_HIER && !req->comm->shm)
-    mc_hier_leaders_only(req);
-  if (mc_algo_is_shm(req->algo) || req->algo == MC_ALGO_HIER) {
+  if (req->algo == MC_ALGO_HIER) { /* the progress loop runs it (coll/hier.c) */
+    req->on_shm = req->comm->shm != NULL;
+    return;
+  }
+  if (mc_algo_is_shm(req->algo)) {
     req->on_shm = true; /* the progress loop runs it (mc_shm_progress) */
     return;
   }

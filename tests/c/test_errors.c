@@ -641,6 +641,45 @@ static int scenario_peer_dies(mc_comm_t *comm, void *arg) {
   return 0;
 }
 
+/* ---- 8. ranks out of step ---- */
+
+/* The last rank calls reduce then allreduce, the others allreduce twice: whatever the path
+ * (transport, shared memory, hierarchical across hosts, where a reduce runs over the transport
+ * and an allreduce partly through shared memory), no allreduce may report success with a sum
+ * over calls that do not belong together, and nothing hangs. */
+static int scenario_out_of_step(mc_comm_t *comm, void *arg) {
+  (void)arg;
+  const int n = mc_comm_size(comm), me = mc_comm_rank(comm), odd = n - 1;
+  mc_comm_t *c;
+  if (short_comm("p8", 1500, me, n, &c) != MC_OK)
+    return 1;
+  mc_harness_barrier("p8/up", n); /* a revoke must not reach a rank still creating it */
+  int64_t t0 = now_ms();
+  for (int k = 1; k <= 2; k++) {
+    float v[16];
+    for (int i = 0; i < 16; i++)
+      v[i] = (float)(1000 * k + me);
+    mc_request_t *req;
+    bool reduce = me == odd && k == 1;
+    CHECK((reduce ? mc_reduce(c, v, v, 16, MC_FLOAT32, MC_SUM, 0, &req)
+                  : mc_allreduce(c, v, v, 16, MC_FLOAT32, MC_SUM, &req)) == MC_OK,
+          "%s", mc_last_error());
+    mc_status_t st = mc_wait(req, 20000);
+    CHECK(st != MC_ERR_TIMEOUT || strstr(mc_request_error(req), "timed out after"),
+          "rank %d: call %d: the wait itself timed out (hang)", me, k);
+    if (!reduce && st == MC_OK) /* only the second calls belong together */
+      CHECK(v[0] == (float)(2000 * n + n * (n - 1) / 2),
+            "rank %d: allreduce call %d reported success with %g, not the sum of call 2", me, k,
+            v[0]);
+    mc_request_free(req);
+  }
+  CHECK(now_ms() - t0 < 15000, "rank %d: took %lld ms", me, (long long)(now_ms() - t0));
+  mc_comm_destroy(c);
+  if (me == 0)
+    printf("scenario 8 (out of step): no wrong sum reported as success, no hang\n");
+  return 0;
+}
+
 int main(int argc, char **argv) {
   int size = argc > 1 ? atoi(argv[1]) : 4;
   if (size < 2) {
@@ -658,6 +697,7 @@ int main(int argc, char **argv) {
       {"abort", scenario_abort},
       {"destroy pending", scenario_destroy},
       {"peer dies", scenario_peer_dies},
+      {"out of step", scenario_out_of_step},
   };
   const int count = sizeof scenarios / sizeof scenarios[0];
   int passed = 0;
