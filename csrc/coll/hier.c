@@ -4,7 +4,7 @@
  * shared memory. Each byte crosses a host boundary once per leader instead of once per rank,
  * and the ranks of one host do not talk to each other over loopback TCP.
  *
- * Pipelined: an operation larger than MC_HIER_SEGMENT_BYTES is cut into segments, and the
+ * Pipelined when MC_HIER_SEGMENT_BYTES is set: a larger operation is cut into segments, and the
  * host's shm stages of one segment run while the leaders exchange another. Every stage is a
  * request of its own (kind reduce, allreduce over the leaders, broadcast) carrying the
  * operation's sequence number, signature and deadline. The operation keeps its place at the
