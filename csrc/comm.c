@@ -393,22 +393,28 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
   if ((st = store->set(store->ctx, key, host, strlen(host) + 1)) != MC_OK)
     return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
   char(*hosts)[sizeof host] = calloc(comm->size, sizeof host);
-  if (!hosts)
+  int *first = calloc(comm->size, sizeof *first), nfirst = 0; /* each host's lowest rank */
+  if (!hosts || !first) {
+    free(hosts), free(first);
     return fail(MC_ERR_NOMEM, "rank %d: creating communicator %s: out of memory", comm->rank,
                 comm->name);
+  }
   for (int r = 0; r < comm->size; r++) {
     snprintf(key, sizeof key, "mc/host/%d", r);
     if ((st = store_get(comm, store, key, &val, &len)) != MC_OK) {
-      free(hosts);
+      free(hosts), free(first);
       return st;
     }
     snprintf(hosts[r], sizeof host, "%.*s", (int)strnlen(val, len), (const char *)val);
     free(val);
     comm->host_of[r] = r; /* labelled by the lowest rank with the same host */
-    for (int q = 0; q < r && comm->host_of[r] == r; q++)
-      if (!strcmp(hosts[q], hosts[r]))
-        comm->host_of[r] = q;
+    for (int h = 0; h < nfirst && comm->host_of[r] == r; h++)
+      if (!strcmp(hosts[first[h]], hosts[r]))
+        comm->host_of[r] = first[h];
+    if (comm->host_of[r] == r)
+      first[nfirst++] = r;
   }
+  free(first);
   free(hosts);
   set_locality(comm);
   bool all_local = comm->all_local;

@@ -11,8 +11,8 @@
 #include "reduce.h"
 
 /* signature (remote CQ data): | count:35 | root:15 | mismatch:1 | redop:4 | dtype:5 | kind:4 |
- * alltoallv leaves count 0: its per-peer sizes are checked by the message lengths. */
-#define SIG_MISMATCH MC_SIG_MISMATCH
+ * (mismatch: MC_SIG_MISMATCH). alltoallv leaves count 0: its per-peer sizes are checked by the
+ * message lengths. */
 static bool has_root(int kind) {
   return kind == MC_OP_BROADCAST || kind == MC_OP_REDUCE || kind == MC_OP_GATHER ||
          kind == MC_OP_SCATTER;
@@ -108,7 +108,7 @@ static void post_step(mc_request_t *req) {
     mc_status_t st;
     if (x->is_send) {
       uint64_t data = p2p             ? (uint64_t)comm->rank
-                      : req->mismatch ? req->signature | SIG_MISMATCH
+                      : req->mismatch ? req->signature | MC_SIG_MISMATCH
                                       : req->signature;
       st = comm->tops->send(comm->transport, x->peer, x->buf, x->len,
                             mc_tag(comm, p2p ? 0 : comm->rank, p2p, payload), data, &x->tctx);
@@ -230,7 +230,7 @@ static void check_arrival(mc_request_t *req, mc_xfer_t *x, const mc_completion_t
   /* collectives: the sender's signature says most (its op, count, dtype, root); a truncated
    * receive carries it too when the transport reports it (data 0: it did not) */
   if (!p2p && (c->status == MC_OK || c->data)) {
-    if (c->data & SIG_MISMATCH) {
+    if (c->data & MC_SIG_MISMATCH) {
       mismatch(req,
                "rank %d reported that the ranks called this operation with different "
                "arguments",
