@@ -27,6 +27,7 @@
  * Any other failure of a stage revokes the communicator on every rank: the other hosts would
  * otherwise wait for this one until their timeout. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -79,9 +80,13 @@ static bool shm_stage(const mc_request_t *h, size_t j, size_t *k) {
 }
 
 static const char *stage_name(const mc_request_t *st) {
+  if (st->grp_ranks)
+    return st->kind == MC_OP_ALLREDUCE   ? "leaders' allreduce"
+           : st->kind == MC_OP_BROADCAST ? "leaders' broadcast"
+                                         : "leaders' barrier";
   return st->kind == MC_OP_REDUCE      ? "reduce to the host's leader"
-         : st->kind == MC_OP_ALLREDUCE ? "leaders' allreduce"
-                                       : "broadcast from the host's leader";
+         : st->kind == MC_OP_BROADCAST ? "broadcast from the host's leader"
+                                       : "host's barrier";
 }
 
 static size_t segment_of(const mc_request_t *h, const mc_request_t *st) {
@@ -100,8 +105,8 @@ static void describe(const mc_request_t *h, const mc_request_t *st, char *out, s
 static void fail(mc_request_t *h, mc_status_t st, const char *cause) {
   mc_comm_t *comm = h->comm;
   char why[MC_ERRLEN];
-  snprintf(why, sizeof why, "rank %d: allreduce #%u on %s failed in %.900s", comm->rank, h->seq,
-           comm->name, cause);
+  snprintf(why, sizeof why, "rank %d: %s #%u on %s failed in %.900s", comm->rank,
+           mc_op_name(h->kind), h->seq, comm->name, cause);
   mc_status_t broke = st == MC_ERR_MISMATCH ? MC_ERR_REVOKED : st;
   mc_comm_break(comm, broke, why);
   mc_ctrl_revoke(comm->ctrl, comm->epoch, why); /* also when this rank was not the first */
@@ -118,8 +123,8 @@ static bool stage_ok(mc_request_t *h, const mc_request_t *st) {
   if (st->status == MC_ERR_MISMATCH) {
     if (!h->mismatch) { /* the first stage to see it explains it */
       h->mismatch = true;
-      snprintf(h->err, sizeof h->err, "rank %d: allreduce #%u on %s: %.900s", h->comm->rank, h->seq,
-               h->comm->name, cause);
+      snprintf(h->err, sizeof h->err, "rank %d: %s #%u on %s: %.900s", h->comm->rank,
+               mc_op_name(h->kind), h->seq, h->comm->name, cause);
     }
     return true;
   }
@@ -199,7 +204,7 @@ static void finish(mc_request_t *h) {
     mc_sched_finish(h);
 }
 
-bool mc_hier_advance(mc_request_t *h) {
+static bool advance_allreduce(mc_request_t *h) {
   mc_comm_t *comm = h->comm;
   const bool leader = comm->rank == comm->local[0];
   bool moved = false;
@@ -259,6 +264,98 @@ bool mc_hier_advance(mc_request_t *h) {
     moved = true;
   }
   return true;
+}
+
+/* ---- broadcast and barrier: the same idea, without segments ----
+ * Barrier: the host's ranks meet (shm), the leaders meet (dissemination), the host's ranks meet
+ * again. Broadcast: the root stands in for its host's leader; these leaders broadcast from the
+ * root's host (binomial), then each broadcasts to its host (shm). A rank runs its stages one
+ * after the other; a mismatch the leaders' stage finds marks the host's stage after it. */
+
+enum { ST_SHM, ST_LEADERS, ST_END };
+
+/* Stage i of this rank's sequence. The root's host has the data first: it broadcasts on the
+ * host before (not after) the root sends to the other leaders. */
+static int simple_stage(const mc_request_t *h, size_t i, bool leader) {
+  const mc_comm_t *comm = h->comm;
+  const bool shm = comm->shm != NULL;
+  int seq[3], n = 0;
+  bool shm_first = h->kind == MC_OP_BARRIER || comm->host_of[comm->rank] == comm->host_of[h->root];
+  if (shm_first && shm)
+    seq[n++] = ST_SHM;
+  if (leader)
+    seq[n++] = ST_LEADERS;
+  if (shm && (h->kind == MC_OP_BARRIER || !shm_first))
+    seq[n++] = ST_SHM;
+  return i < (size_t)n ? seq[i] : ST_END;
+}
+
+static bool advance_simple(mc_request_t *h) {
+  mc_comm_t *comm = h->comm;
+  const int me = comm->rank, host = comm->host_of[me];
+  int *leaders = h->tmp; /* this operation's: the root leads its host in a broadcast */
+  if (!leaders) {
+    if (!(leaders = h->tmp = malloc((size_t)comm->nhosts * sizeof *leaders))) {
+      fail(h, MC_ERR_NOMEM, "its set-up: out of memory");
+      return true;
+    }
+    memcpy(leaders, comm->leaders, (size_t)comm->nhosts * sizeof *leaders);
+    if (h->kind == MC_OP_BROADCAST)
+      leaders[comm->host_of[h->root]] = h->root;
+    h->hier.segs = 1;
+    h->hier.seg_elems = h->count ? h->count : 1;
+  }
+  const bool leader = leaders[host] == me;
+  bool moved = false;
+  while (!atomic_load(&h->done)) {
+    mc_request_t *st = h->hier.shm ? h->hier.shm : h->hier.leaders;
+    if (st && st->on_shm && !atomic_load(&st->done))
+      moved |= mc_shm_run(comm, st);
+    if (st && !atomic_load(&st->done))
+      return moved;
+    if (st) {
+      if (!stage_ok(h, st))
+        return true;
+      mc_request_release(st);
+      h->hier.shm = h->hier.leaders = NULL;
+    }
+    moved = true;
+    int next = simple_stage(h, h->hier.shm_started, leader);
+    if (next == ST_END) {
+      finish(h);
+      return true;
+    }
+    st = stage_new(h, h->kind, 0);
+    if (!st)
+      return true;
+    h->hier.shm_started++;
+    if (next == ST_SHM) {
+      st->refs = 1; /* h's only: the shm path runs it through h */
+      st->algo = MC_ALGO_SHM;
+      st->on_shm = true;
+      for (int i = 0; i < comm->local_ranks; i++) /* the host's leader, in the host's group */
+        if (comm->local[i] == leaders[host])
+          st->root = i;
+      h->hier.shm = st;
+    } else {
+      if (h->mismatch) {
+        st->mismatch = true;
+        snprintf(st->err, sizeof st->err, "this host's ranks called it with different arguments");
+      }
+      st->grp_ranks = leaders;
+      st->grp_me = host;
+      st->grp_n = comm->nhosts;
+      st->root = comm->host_of[h->root];
+      st->algo = mc_algo_choose(st);
+      h->hier.leaders = st;
+      mc_progress_adopt(comm, st);
+    }
+  }
+  return true;
+}
+
+bool mc_hier_advance(mc_request_t *h) {
+  return h->kind == MC_OP_ALLREDUCE ? advance_allreduce(h) : advance_simple(h);
 }
 
 bool mc_hier_progress(mc_comm_t *comm) {

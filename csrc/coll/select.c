@@ -46,8 +46,8 @@ static bool offers(mc_op_kind_t kind, mc_algo_t a) {
            a == MC_ALGO_RING || a == MC_ALGO_HIER;
   case MC_OP_REDUCE_SCATTER:
   case MC_OP_ALLGATHER: return a == MC_ALGO_SHM || a == MC_ALGO_RING;
-  case MC_OP_BROADCAST: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL;
-  case MC_OP_BARRIER: return a == MC_ALGO_SHM || a == MC_ALGO_DISSEMINATION;
+  case MC_OP_BROADCAST: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL || a == MC_ALGO_HIER;
+  case MC_OP_BARRIER: return a == MC_ALGO_SHM || a == MC_ALGO_DISSEMINATION || a == MC_ALGO_HIER;
   case MC_OP_REDUCE: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL || a == MC_ALGO_RING;
   case MC_OP_GATHER:
   case MC_OP_SCATTER: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL;
@@ -155,7 +155,9 @@ mc_algo_t mc_algo_choose(const mc_request_t *req) {
   size_t bytes = rule_bytes(req);
   bool can_shm = comm->all_local && comm->shm && mc_shm_supports(req->kind);
   /* a hierarchical operation's stages are requests of their own: they never nest */
-  bool can_hier = comm->hier && !req->grp_ranks && req->kind == MC_OP_ALLREDUCE;
+  bool can_hier =
+      comm->hier && !req->grp_ranks &&
+      (req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_BROADCAST || req->kind == MC_OP_BARRIER);
   for (int i = 0; i < nrules; i++) {
     const rule_t *r = &rules[i];
     if (r->kind != req->kind || bytes < r->min || bytes >= r->max)
@@ -171,7 +173,9 @@ mc_algo_t mc_algo_choose(const mc_request_t *req) {
   }
   if (can_shm)
     return MC_ALGO_SHM;
-  if (can_hier)
+  /* broadcast: only when asked; by default its binomial tree sends to the other hosts at once,
+   * where the hierarchical one first waits for the root's host (docs/performance.md) */
+  if (can_hier && req->kind != MC_OP_BROADCAST)
     return MC_ALGO_HIER;
   bool large =
       bytes >= (size_t)mc_param_int(MC_PARAM_RING_MIN_BYTES) && req->count >= (size_t)req->grp_n;
