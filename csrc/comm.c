@@ -387,10 +387,14 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
     memcpy(&comm->id, val, len);
   free(val);
 
-  char host[128];
+  /* "<host id>\n<MC_HIER_SEGMENT_BYTES>": hierarchical allreduces cut alike on every rank */
+  char host[128], mine[160];
   host_id(host, sizeof host);
+  long long seg = (long long)mc_param_int(MC_PARAM_HIER_SEGMENT_BYTES), other_seg = seg;
+  int seg_differs = -1;
+  snprintf(mine, sizeof mine, "%s\n%lld", host, seg);
   snprintf(key, sizeof key, "mc/host/%d", comm->rank);
-  if ((st = store->set(store->ctx, key, host, strlen(host) + 1)) != MC_OK)
+  if ((st = store->set(store->ctx, key, mine, strlen(mine) + 1)) != MC_OK)
     return fail(st, "rank %d: creating communicator %s: store set failed", comm->rank, comm->name);
   char(*hosts)[sizeof host] = calloc(comm->size, sizeof host);
   int *first = calloc(comm->size, sizeof *first), nfirst = 0; /* each host's lowest rank */
@@ -405,8 +409,16 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
       free(hosts), free(first);
       return st;
     }
-    snprintf(hosts[r], sizeof host, "%.*s", (int)strnlen(val, len), (const char *)val);
+    char theirs[sizeof mine];
+    snprintf(theirs, sizeof theirs, "%.*s", (int)strnlen(val, len), (const char *)val);
     free(val);
+    char *nl = strchr(theirs, '\n');
+    long long their_seg = nl ? strtoll(nl + 1, NULL, 10) : 0;
+    if (nl)
+      *nl = 0;
+    if (their_seg != seg && seg_differs < 0)
+      seg_differs = r, other_seg = their_seg;
+    snprintf(hosts[r], sizeof host, "%.127s", theirs);
     comm->host_of[r] = r; /* labelled by the lowest rank with the same host */
     for (int h = 0; h < nfirst && comm->host_of[r] == r; h++)
       if (!strcmp(hosts[first[h]], hosts[r]))
@@ -417,6 +429,11 @@ static mc_status_t rendezvous(mc_comm_t *comm, const mc_config_t *cfg, const mc_
   free(first);
   free(hosts);
   set_locality(comm);
+  if (comm->hier && seg_differs >= 0)
+    return fail(MC_ERR_INVALID,
+                "rank %d: creating communicator %s: rank %d has MC_HIER_SEGMENT_BYTES=%lld, this "
+                "rank %lld: it must be the same on every rank",
+                comm->rank, comm->name, seg_differs, other_seg, seg);
   bool all_local = comm->all_local;
 
   const char *want = cfg->transport ? cfg->transport : mc_param_str(MC_PARAM_TRANSPORT);

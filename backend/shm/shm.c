@@ -76,7 +76,6 @@ typedef struct {
   uint32_t seq[2];                /* and its sequence number */
   uint64_t magic;
   uint64_t slot_bytes;
-  uint64_t hier_segment; /* MC_HIER_SEGMENT_BYTES: the ranks of a host must cut alike */
 } shm_header_t;
 
 _Static_assert(sizeof(shm_header_t) <= HEADER_BYTES, "shm header too large");
@@ -215,7 +214,6 @@ mc_status_t mc_shm_create(mc_comm_t *comm, char *err, size_t errlen) {
   s->self = (shm_header_t *)s->self_base;
   s->self->magic = SHM_MAGIC;
   s->self->slot_bytes = s->slot_bytes;
-  s->self->hier_segment = (uint64_t)mc_param_int(MC_PARAM_HIER_SEGMENT_BYTES);
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   s->self->pid = (int32_t)getpid();
@@ -329,12 +327,6 @@ static mc_status_t attach(mc_comm_t *comm, char *err, size_t errlen) {
     if (s->peer[r].hdr->magic != SHM_MAGIC || s->peer[r].hdr->slot_bytes != s->slot_bytes) {
       snprintf(err, errlen, "rank %d's segment %s has another layout (MC_SHM_SLOT_BYTES differs?)",
                s->grp[r], seg);
-      return MC_ERR_INVALID;
-    }
-    if (comm->hier && s->peer[r].hdr->hier_segment != s->self->hier_segment) {
-      snprintf(err, errlen, "rank %d uses MC_HIER_SEGMENT_BYTES=%llu, this rank %llu", s->grp[r],
-               (unsigned long long)s->peer[r].hdr->hier_segment,
-               (unsigned long long)s->self->hier_segment);
       return MC_ERR_INVALID;
     }
     /* read-write, though this rank only writes: a FIFO with no reader left (its owner died)

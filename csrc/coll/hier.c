@@ -114,13 +114,28 @@ static void fail(mc_request_t *h, mc_status_t st, const char *cause) {
   mc_request_complete(h, st, "%s", why);
 }
 
+/* A mismatch is carried on (later stages tell the other ranks) only while the communicator
+ * works (ranks out of step revoke it: shm.c in_step), and, for a pipelined allreduce, only
+ * where the protocol above guarantees every rank learns it in time: in the first leaders'
+ * exchange or the first two shm stages. Later (it cannot happen while signatures cover count,
+ * dtype and op), the operation fails and revokes rather than leave a host's ranks apart. */
+static bool mismatch_carried(const mc_request_t *h, const mc_request_t *st) {
+  mc_comm_t *comm = h->comm;
+  pthread_mutex_lock(&comm->lock);
+  bool broken = comm->broken != MC_OK;
+  pthread_mutex_unlock(&comm->lock);
+  if (broken || h->kind != MC_OP_ALLREDUCE)
+    return !broken;
+  return st->grp_ranks ? segment_of(h, st) == 0 : h->hier.shm_started <= 2;
+}
+
 /* False if stage st failed, and h with it. */
 static bool stage_ok(mc_request_t *h, const mc_request_t *st) {
   char cause[MC_ERRLEN];
   if (st->status == MC_OK)
     return true;
   describe(h, st, cause, sizeof cause);
-  if (st->status == MC_ERR_MISMATCH) {
+  if (st->status == MC_ERR_MISMATCH && (h->mismatch || mismatch_carried(h, st))) {
     if (!h->mismatch) { /* the first stage to see it explains it */
       h->mismatch = true;
       snprintf(h->err, sizeof h->err, "rank %d: %s #%u on %s: %.900s", h->comm->rank,

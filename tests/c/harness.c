@@ -47,8 +47,7 @@ void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg) {
 static char netns_prefix[200];
 static int netns_count;
 
-static void enter_netns(int rank, void *arg) {
-  (void)arg;
+static void enter_netns(int rank) {
   char path[256];
   snprintf(path, sizeof path, "/var/run/netns/%s-r%d", netns_prefix,
            netns_count > 0 ? rank % netns_count : rank);
@@ -63,7 +62,6 @@ static void enter_netns(int rank, void *arg) {
 void mc_harness_netns(const char *prefix, int count) {
   snprintf(netns_prefix, sizeof netns_prefix, "%s", prefix);
   netns_count = count;
-  mc_harness_on_fork(enter_netns, NULL);
 }
 
 static int find(const char *key) {
@@ -206,7 +204,7 @@ int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s) {
   if (!shared)
     init_shared();
   const char *netns = getenv("MC_TEST_NETNS"); /* <prefix>:<count> */
-  if (netns && !on_fork) {
+  if (netns && !netns_prefix[0]) {
     const char *colon = strrchr(netns, ':');
     char prefix[200];
     snprintf(prefix, sizeof prefix, "%.*s", colon ? (int)(colon - netns) : (int)strlen(netns),
@@ -225,6 +223,8 @@ int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s) {
   for (int r = 0; r < size; r++) {
     pids[r] = fork();
     if (pids[r] == 0) {
+      if (netns_prefix[0])
+        enter_netns(r);
       if (on_fork)
         on_fork(r, on_fork_arg);
       _exit(run_rank(r, size, body, arg));

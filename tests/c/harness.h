@@ -14,8 +14,8 @@ typedef int (*mc_test_body_t)(mc_comm_t *comm, void *arg);
  * rank returned 0 and exited within timeout_s seconds; stragglers are killed. */
 int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s);
 
-/* Called in each forked rank before its communicator is created (e.g. to enter a network
- * namespace); NULL: nothing. */
+/* Called in each forked rank before its communicator is created (e.g. to set its environment);
+ * NULL: nothing. */
 void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg);
 /* Rank r enters the network namespace /var/run/netns/<prefix>-r<r % count> before it creates
  * its communicator: `count` "hosts" joined by veth links (python/mooncake/fault/netns.py makes
