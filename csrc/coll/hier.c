@@ -1,8 +1,9 @@
-/* Hierarchical allreduce, for a communicator whose ranks share hosts: the ranks of each host
- * reduce into their leader (the host's lowest rank) through shared memory, the leaders
- * allreduce over the transport, and each leader broadcasts the result to its host through
- * shared memory. Each byte crosses a host boundary once per leader instead of once per rank,
- * and the ranks of one host do not talk to each other over loopback TCP.
+/* Hierarchical allreduce (barrier and broadcast at the end), for a communicator whose ranks
+ * share hosts: the ranks of each host reduce into their leader (the host's lowest rank)
+ * through shared memory, the leaders allreduce over the transport, and each leader broadcasts
+ * the result to its host through shared memory. Each byte crosses a host boundary once per
+ * leader instead of once per rank, and the ranks of one host do not talk to each other over
+ * loopback TCP.
  *
  * Pipelined when MC_HIER_SEGMENT_BYTES is set: a larger operation is cut into segments, and the
  * host's shm stages of one segment run while the leaders exchange another. Every stage is a
