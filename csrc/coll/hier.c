@@ -309,18 +309,22 @@ static int simple_stage(const mc_request_t *h, size_t i, bool leader) {
 static bool advance_simple(mc_request_t *h) {
   mc_comm_t *comm = h->comm;
   const int me = comm->rank, host = comm->host_of[me];
-  int *leaders = h->tmp; /* this operation's: the root leads its host in a broadcast */
-  if (!leaders) {
-    if (!(leaders = h->tmp = malloc((size_t)comm->nhosts * sizeof *leaders))) {
+  /* the root leads its host in a broadcast: a copy of the leaders only when it is not already
+   * its host's lowest rank */
+  bool own = h->kind == MC_OP_BROADCAST && comm->leaders[comm->host_of[h->root]] != h->root;
+  if (!h->hier.segs) {
+    if (own && !(h->tmp = malloc((size_t)comm->nhosts * sizeof(int)))) {
       fail(h, MC_ERR_NOMEM, "its set-up: out of memory");
       return true;
     }
-    memcpy(leaders, comm->leaders, (size_t)comm->nhosts * sizeof *leaders);
-    if (h->kind == MC_OP_BROADCAST)
-      leaders[comm->host_of[h->root]] = h->root;
+    if (own) {
+      memcpy(h->tmp, comm->leaders, (size_t)comm->nhosts * sizeof(int));
+      ((int *)h->tmp)[comm->host_of[h->root]] = h->root;
+    }
     h->hier.segs = 1;
     h->hier.seg_elems = h->count ? h->count : 1;
   }
+  const int *leaders = own ? h->tmp : comm->leaders;
   const bool leader = leaders[host] == me;
   bool moved = false;
   while (!atomic_load(&h->done)) {
