@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "reduce.h"
 #include "shm.h"
 
 /* Step numbers a segment's leaders' allreduce may use: half of those the tag has. */
@@ -81,13 +82,16 @@ static bool shm_stage(const mc_request_t *h, size_t j, size_t *k) {
 }
 
 static const char *stage_name(const mc_request_t *st) {
-  if (st->grp_ranks)
-    return st->kind == MC_OP_ALLREDUCE   ? "leaders' allreduce"
-           : st->kind == MC_OP_BROADCAST ? "leaders' broadcast"
-                                         : "leaders' barrier";
-  return st->kind == MC_OP_REDUCE      ? "reduce to the host's leader"
-         : st->kind == MC_OP_BROADCAST ? "broadcast from the host's leader"
-                                       : "host's barrier";
+  switch (st->kind) {
+  case MC_OP_ALLREDUCE: return "leaders' allreduce";
+  case MC_OP_ALLTOALLV: return "leaders' exchange";
+  case MC_OP_REDUCE: return "reduce to the host's leader";
+  case MC_OP_GATHER: return "gather to the host's leader";
+  case MC_OP_SCATTER: return "scatter from the host's leader";
+  case MC_OP_BROADCAST:
+    return st->grp_ranks ? "leaders' broadcast" : "broadcast from the host's leader";
+  default: return st->grp_ranks ? "leaders' barrier" : "host's barrier";
+  }
 }
 
 static size_t segment_of(const mc_request_t *h, const mc_request_t *st) {
@@ -282,11 +286,19 @@ static bool advance_allreduce(mc_request_t *h) {
   return true;
 }
 
-/* ---- broadcast and barrier: the same idea, without segments ----
+/* ---- broadcast, barrier, allgather, reduce_scatter: the same idea, without segments ----
  * Barrier: the host's ranks meet (shm), the leaders meet (dissemination), the host's ranks meet
  * again. Broadcast: the root stands in for its host's leader; these leaders broadcast from the
- * root's host (binomial), then each broadcasts to its host (shm). A rank runs its stages one
- * after the other; a mismatch the leaders' stage finds marks the host's stage after it. */
+ * root's host (binomial), then each broadcasts to its host (shm). Allgather: the host gathers
+ * to its leader, the leaders exchange their hosts' blocks (an all-to-all), each leader
+ * broadcasts the whole result to its host. Reduce_scatter: the host reduces everything to its
+ * leader, each leader sends every other leader the blocks of that leader's host and sums what
+ * it gets for its own host's blocks, then scatters them to its host. A rank runs its stages
+ * one after the other; a mismatch the leaders' stage finds marks the host's stage after it.
+ *
+ * The leaders exchange whole hosts' blocks: host h's ranks in rank order, after those of hosts
+ * 0..h-1 ("host-major" order). When ranks are numbered host by host (torchrun's layout) that
+ * is rank order and a leader works in place; otherwise it permutes through scratch space. */
 
 enum { ST_SHM, ST_LEADERS, ST_END };
 
@@ -294,26 +306,196 @@ enum { ST_SHM, ST_LEADERS, ST_END };
  * host before (not after) the root sends to the other leaders. */
 static int simple_stage(const mc_request_t *h, size_t i, bool leader) {
   const mc_comm_t *comm = h->comm;
-  const bool shm = comm->shm != NULL;
+  const bool shm = comm->shm != NULL, both = h->kind != MC_OP_BROADCAST;
   int seq[3], n = 0;
-  bool shm_first = h->kind == MC_OP_BARRIER || comm->host_of[comm->rank] == comm->host_of[h->root];
+  bool shm_first = both || comm->host_of[comm->rank] == comm->host_of[h->root];
   if (shm_first && shm)
     seq[n++] = ST_SHM;
   if (leader)
     seq[n++] = ST_LEADERS;
-  if (shm && (h->kind == MC_OP_BARRIER || !shm_first))
+  if (shm && (both || !shm_first))
     seq[n++] = ST_SHM;
   return i < (size_t)n ? seq[i] : ST_END;
+}
+
+static int host_size(const mc_comm_t *comm, int host) {
+  int n = 0;
+  for (int r = 0; r < comm->size; r++)
+    n += comm->host_of[r] == host;
+  return n;
+}
+
+/* Position of host's first rank in host-major order. */
+static size_t host_first(const mc_comm_t *comm, int host) {
+  size_t n = 0;
+  for (int r = 0; r < comm->size; r++)
+    n += comm->host_of[r] < host;
+  return n;
+}
+
+static bool ranks_host_major(const mc_comm_t *comm) {
+  for (int r = 1; r < comm->size; r++)
+    if (comm->host_of[r] < comm->host_of[r - 1])
+      return false;
+  return true;
+}
+
+static size_t block_bytes(const mc_request_t *h) { return h->count * mc_dtype_size(h->dtype); }
+static size_t all_bytes(const mc_request_t *h) { return (size_t)h->comm->size * block_bytes(h); }
+
+/* A leader's blocks in host-major order: an allgather's output itself or scratch; for a
+ * reduce_scatter, its host's sum (scratch, rank order) or scratch after that sum. */
+static char *major_buf(const mc_request_t *h) {
+  bool in_place = ranks_host_major(h->comm);
+  if (h->kind == MC_OP_ALLGATHER)
+    return in_place ? h->out : h->tmp;
+  return in_place || !h->comm->shm ? h->tmp : (char *)h->tmp + all_bytes(h);
+}
+
+/* A reduce_scatter leader receives the other hosts' partial sums of its host's blocks here:
+ * nhosts slots of local_ranks blocks (its own slot unused). */
+static char *recv_buf(const mc_request_t *h) { return major_buf(h) + all_bytes(h); }
+
+static size_t scratch_bytes(const mc_request_t *h) {
+  const mc_comm_t *comm = h->comm;
+  if (h->kind == MC_OP_ALLGATHER)
+    return ranks_host_major(comm) ? 0 : all_bytes(h);
+  size_t before = ranks_host_major(comm) || !comm->shm ? 0 : all_bytes(h);
+  return before + all_bytes(h) + (size_t)comm->nhosts * comm->local_ranks * block_bytes(h);
+}
+
+/* Copies the blocks between rank order and host-major order; `load` applies a reduce_scatter's
+ * PREMUL_SUM factor on the way (a rank alone on its host: its input is the host's sum). */
+static void permute(const mc_request_t *h, char *ranked, char *major, bool to_major, bool load) {
+  const mc_comm_t *comm = h->comm;
+  const size_t blk = block_bytes(h);
+  size_t p = 0;
+  for (int host = 0; host < comm->nhosts; host++)
+    for (int r = 0; r < comm->size; r++) {
+      if (comm->host_of[r] != host)
+        continue;
+      char *a = ranked + r * blk, *b = major + p++ * blk;
+      if (!to_major)
+        mc_copy(a, b, blk);
+      else if (load)
+        mc_load_input(h, b, a, h->count);
+      else
+        mc_copy(b, a, blk);
+    }
+}
+
+/* The shm stage before (first) or after the leaders' exchange, shaped for h's kind. */
+static mc_request_t *shm_stage_new(mc_request_t *h, bool first, bool leader, int root) {
+  mc_comm_t *comm = h->comm;
+  const size_t mine = host_first(comm, comm->host_of[comm->rank]) * block_bytes(h);
+  const size_t all = (size_t)comm->size * h->count;
+  mc_op_kind_t kind = h->kind;
+  if (kind == MC_OP_ALLGATHER)
+    kind = first ? MC_OP_GATHER : MC_OP_BROADCAST;
+  if (kind == MC_OP_REDUCE_SCATTER)
+    kind = first ? MC_OP_REDUCE : MC_OP_SCATTER;
+  mc_request_t *st = stage_new(h, kind, 0);
+  if (!st)
+    return NULL;
+  if (kind == MC_OP_GATHER && leader) /* the host's blocks, in place among all */
+    st->out = major_buf(h) + mine;
+  if (kind == MC_OP_BROADCAST && h->kind == MC_OP_ALLGATHER) {
+    st->count = all;
+    st->in = st->out;
+  }
+  if (kind == MC_OP_REDUCE) {
+    st->count = all;
+    st->out = leader ? h->tmp : NULL; /* only the leader's is written */
+  }
+  if (kind == MC_OP_SCATTER && leader)
+    st->in = major_buf(h) + mine;
+  /* AVG: the leaders divide by the communicator's size; only a reduce applies PREMUL_SUM (and
+   * it would keep the others off the single copy) */
+  if (st->redop == MC_AVG || kind != MC_OP_REDUCE)
+    st->redop = MC_SUM;
+  st->refs = 1; /* h's only: the shm path runs it through h */
+  st->algo = MC_ALGO_SHM;
+  st->on_shm = true;
+  st->root = root;
+  return st;
+}
+
+/* The leaders' all-to-all of an allgather or reduce_scatter (element counts and offsets). */
+static mc_request_t *exchange_new(mc_request_t *h) {
+  mc_comm_t *comm = h->comm;
+  const int hosts = comm->nhosts, me = comm->host_of[comm->rank];
+  const size_t c = h->count, mine = comm->local_ranks * c;
+  mc_request_t *st = stage_new(h, MC_OP_ALLTOALLV, 0);
+  if (!st)
+    return NULL;
+  size_t *v = st->vcounts = calloc(4 * (size_t)hosts, sizeof *v);
+  if (!v) {
+    mc_request_release(st);
+    fail(h, MC_ERR_NOMEM, "its leaders' exchange: out of memory");
+    return NULL;
+  }
+  st->in = st->out = major_buf(h);
+  for (int g = 0; g < hosts; g++) { /* send count, send offset, receive count, receive offset */
+    if (g == me)
+      continue;
+    size_t theirs = host_size(comm, g) * c, first = host_first(comm, g) * c;
+    if (h->kind == MC_OP_ALLGATHER) { /* my host's blocks to all; theirs into place */
+      v[g] = mine, v[hosts + g] = host_first(comm, me) * c;
+      v[2 * hosts + g] = theirs, v[3 * hosts + g] = first;
+    } else { /* their host's partial sums to them; mine from each into its slot */
+      v[g] = theirs, v[hosts + g] = first;
+      v[2 * hosts + g] = mine, v[3 * hosts + g] = g * mine;
+    }
+  }
+  if (h->kind == MC_OP_REDUCE_SCATTER)
+    st->out = recv_buf(h);
+  return st;
+}
+
+/* A leader's work between its host's stage and the leaders' exchange (before) or after it. */
+static void leader_local(mc_request_t *h, bool before) {
+  mc_comm_t *comm = h->comm;
+  const bool alone = !comm->shm, in_place = ranks_host_major(comm);
+  const int hosts = comm->nhosts, me = comm->host_of[comm->rank];
+  char *major = major_buf(h), *mine = major + host_first(comm, me) * block_bytes(h);
+  if (h->mismatch || (h->kind != MC_OP_ALLGATHER && h->kind != MC_OP_REDUCE_SCATTER))
+    return;
+  if (h->kind == MC_OP_ALLGATHER && before && alone && mine != h->in)
+    mc_copy(mine, h->in, block_bytes(h));
+  if (h->kind == MC_OP_ALLGATHER && !before && !in_place)
+    permute(h, h->out, major, false, false);
+  if (h->kind == MC_OP_REDUCE_SCATTER && before && (alone || !in_place))
+    permute(h, alone ? (char *)h->in : h->tmp, major, true, alone);
+  if (h->kind == MC_OP_REDUCE_SCATTER && !before) { /* mine op= each other host's */
+    const size_t count = comm->local_ranks * h->count;
+    const void *srcs[16] = {mine};
+    for (int g = 0; g < hosts;) {
+      int n = 1;
+      for (; g < hosts && n < 16; g++)
+        if (g != me)
+          srcs[n++] = recv_buf(h) + g * count * mc_dtype_size(h->dtype);
+      if (n > 1) /* AVG and PREMUL_SUM sum here */
+        mc_reduce_many(mine, srcs, n, count, h->dtype, h->redop);
+    }
+    if (h->redop == MC_AVG)
+      mc_scale_div(mine, count, h->dtype, comm->size);
+    if (alone)
+      mc_copy(h->out, mine, block_bytes(h));
+  }
 }
 
 static bool advance_simple(mc_request_t *h) {
   mc_comm_t *comm = h->comm;
   const int me = comm->rank, host = comm->host_of[me];
+  const bool blocks = h->kind == MC_OP_ALLGATHER || h->kind == MC_OP_REDUCE_SCATTER;
   /* the root leads its host in a broadcast: a copy of the leaders only when it is not already
    * its host's lowest rank */
   bool own = h->kind == MC_OP_BROADCAST && comm->leaders[comm->host_of[h->root]] != h->root;
   if (!h->hier.segs) {
-    if (own && !(h->tmp = malloc((size_t)comm->nhosts * sizeof(int)))) {
+    size_t bytes = own ? (size_t)comm->nhosts * sizeof(int) : 0;
+    if (blocks && comm->leaders[host] == me)
+      bytes = scratch_bytes(h);
+    if (bytes && !(h->tmp = malloc(bytes))) {
       fail(h, MC_ERR_NOMEM, "its set-up: out of memory");
       return true;
     }
@@ -340,36 +522,39 @@ static bool advance_simple(mc_request_t *h) {
       h->hier.shm = h->hier.leaders = NULL;
     }
     moved = true;
-    int next = simple_stage(h, h->hier.shm_started, leader);
+    size_t i = h->hier.shm_started;
+    int next = simple_stage(h, i, leader);
+    if (blocks && leader && i > 0 && simple_stage(h, i - 1, leader) == ST_LEADERS)
+      leader_local(h, false);
+    if (blocks && next == ST_LEADERS)
+      leader_local(h, true);
     if (next == ST_END) {
       finish(h);
       return true;
     }
-    st = stage_new(h, h->kind, 0);
-    if (!st)
-      return true;
     h->hier.shm_started++;
     if (next == ST_SHM) {
-      st->refs = 1; /* h's only: the shm path runs it through h */
-      st->algo = MC_ALGO_SHM;
-      st->on_shm = true;
-      for (int i = 0; i < comm->local_ranks; i++) /* the host's leader, in the host's group */
-        if (comm->local[i] == leaders[host])
-          st->root = i;
-      h->hier.shm = st;
-    } else {
-      if (h->mismatch) {
-        st->mismatch = true;
-        snprintf(st->err, sizeof st->err, "this host's ranks called it with different arguments");
-      }
-      st->grp_ranks = leaders;
-      st->grp_me = host;
-      st->grp_n = comm->nhosts;
-      st->root = comm->host_of[h->root];
-      st->algo = mc_algo_choose(st);
-      h->hier.leaders = st;
-      mc_progress_adopt(comm, st);
+      int root = 0; /* the host's leader, in the host's group */
+      for (int r = 0; r < comm->local_ranks; r++)
+        if (comm->local[r] == leaders[host])
+          root = r;
+      if (!(h->hier.shm = shm_stage_new(h, i == 0, leader, root)))
+        return true;
+      continue;
     }
+    if (!(st = blocks ? exchange_new(h) : stage_new(h, h->kind, 0)))
+      return true;
+    if (h->mismatch) {
+      st->mismatch = true;
+      snprintf(st->err, sizeof st->err, "this host's ranks called it with different arguments");
+    }
+    st->grp_ranks = leaders;
+    st->grp_me = host;
+    st->grp_n = comm->nhosts;
+    st->root = comm->host_of[h->root];
+    st->algo = mc_algo_choose(st);
+    h->hier.leaders = st;
+    mc_progress_adopt(comm, st);
   }
   return true;
 }

@@ -45,7 +45,7 @@ static bool offers(mc_op_kind_t kind, mc_algo_t a) {
     return a == MC_ALGO_SHM_FLAT || a == MC_ALGO_SHM_TWO_PHASE || a == MC_ALGO_RD ||
            a == MC_ALGO_RING || a == MC_ALGO_HIER;
   case MC_OP_REDUCE_SCATTER:
-  case MC_OP_ALLGATHER: return a == MC_ALGO_SHM || a == MC_ALGO_RING;
+  case MC_OP_ALLGATHER: return a == MC_ALGO_SHM || a == MC_ALGO_RING || a == MC_ALGO_HIER;
   case MC_OP_BROADCAST: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL || a == MC_ALGO_HIER;
   case MC_OP_BARRIER: return a == MC_ALGO_SHM || a == MC_ALGO_DISSEMINATION || a == MC_ALGO_HIER;
   case MC_OP_REDUCE: return a == MC_ALGO_SHM || a == MC_ALGO_BINOMIAL || a == MC_ALGO_RING;
@@ -157,7 +157,8 @@ mc_algo_t mc_algo_choose(const mc_request_t *req) {
   /* a hierarchical operation's stages are requests of their own: they never nest */
   bool can_hier =
       comm->hier && !req->grp_ranks &&
-      (req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_BROADCAST || req->kind == MC_OP_BARRIER);
+      (req->kind == MC_OP_ALLREDUCE || req->kind == MC_OP_BROADCAST || req->kind == MC_OP_BARRIER ||
+       req->kind == MC_OP_ALLGATHER || req->kind == MC_OP_REDUCE_SCATTER);
   for (int i = 0; i < nrules; i++) {
     const rule_t *r = &rules[i];
     if (r->kind != req->kind || bytes < r->min || bytes >= r->max)

@@ -21,7 +21,8 @@ memcpy on a loaded machine must not be declared failed). With --compare gloo, Gl
 size right after mooncake on the same tensors: its time, busbw and the speedup (gloo time /
 mooncake time) follow.
 
---netns N (root): the ranks run in N network namespaces (rank r in namespace r % N) joined by
+--netns N (root): the ranks run in N network namespaces (rank r in namespace r % N, or
+r * N // ranks with --netns-layout block: numbered host by host, as torchrun does) joined by
 veth links to a bridge (python/mooncake/fault/netns.py), so traffic crosses veth "hosts" instead
 of loopback. --engine PATH runs the C benchmark mc-bench (no torch) in that set-up instead.
 """
@@ -219,7 +220,8 @@ def _warm_up(rank, seconds=0.5):
 
 def _worker(rank, args, store_path, out_path):
     if args.netns:
-        _enter_netns(args.lab_ns[rank % args.netns])
+        host = rank * args.netns // args.ranks if args.netns_layout == "block" else rank % args.netns
+        _enter_netns(args.lab_ns[host])
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, args.ranks)
     import mooncake  # noqa: F401  (registers the backend; the entry point would too)
@@ -340,6 +342,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p.add_argument("--netns", type=int, default=0, metavar="N",
                    help="run the ranks in N network namespaces joined by veth links (root)")
+    p.add_argument("--netns-layout", choices=["cyclic", "block"], default="cyclic",
+                   help="rank r on namespace r %% N (cyclic) or r * N // ranks (block)")
     p.add_argument("--engine", metavar="MC_BENCH",
                    help="run the C benchmark mc-bench (engine alone) instead of torch ranks")
     args = p.parse_args(argv)
@@ -361,6 +365,7 @@ def main(argv=None):
         env = lab.env(0)
         env["GLOO_SOCKET_IFNAME"] = netns.IFACE
         os.environ.update(env)
+        os.environ["MC_TEST_NETNS_LAYOUT"] = args.netns_layout  # mc-bench (--engine) reads it
         args.lab_ns = lab.ns
     try:
         if args.engine:

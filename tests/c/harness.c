@@ -47,10 +47,13 @@ void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg) {
 static char netns_prefix[200];
 static int netns_count;
 
-static void enter_netns(int rank) {
+static void enter_netns(int rank, int size) {
+  /* MC_TEST_NETNS_LAYOUT=block: ranks numbered host by host (torchrun's layout) */
+  const char *layout = getenv("MC_TEST_NETNS_LAYOUT");
+  int block = layout && !strcmp(layout, "block");
+  int host = netns_count <= 0 ? rank : block ? rank * netns_count / size : rank % netns_count;
   char path[256];
-  snprintf(path, sizeof path, "/var/run/netns/%s-r%d", netns_prefix,
-           netns_count > 0 ? rank % netns_count : rank);
+  snprintf(path, sizeof path, "/var/run/netns/%s-r%d", netns_prefix, host);
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0 || setns(fd, CLONE_NEWNET)) {
     perror(path);
@@ -224,7 +227,7 @@ int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s) {
     pids[r] = fork();
     if (pids[r] == 0) {
       if (netns_prefix[0])
-        enter_netns(r);
+        enter_netns(r, size);
       if (on_fork)
         on_fork(r, on_fork_arg);
       _exit(run_rank(r, size, body, arg));

@@ -19,7 +19,8 @@ int mc_harness_run(int size, mc_test_body_t body, void *arg, int timeout_s);
 void mc_harness_on_fork(void (*fn)(int rank, void *arg), void *arg);
 /* Rank r enters the network namespace /var/run/netns/<prefix>-r<r % count> before it creates
  * its communicator: `count` "hosts" joined by veth links (python/mooncake/fault/netns.py makes
- * them). The environment variable MC_TEST_NETNS=<prefix>:<count> does the same for any test. */
+ * them). The environment variable MC_TEST_NETNS=<prefix>:<count> does the same for any test;
+ * MC_TEST_NETNS_LAYOUT=block puts rank r on host r * count / size instead. */
 void mc_harness_netns(const char *prefix, int count);
 
 /* The shared store, for ranks that create further communicators. `prefix` keeps their keys

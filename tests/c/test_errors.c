@@ -227,8 +227,8 @@ static int expect_mismatch(mc_comm_t *comm, mc_request_t *req, bool detects, con
   return allreduce_ok(comm, 1000);
 }
 
-/* reduce, gather, scatter, alltoall(v) where the last rank's count differs: the ranks that
- * receive from it report the mismatch. */
+/* reduce, reduce_scatter, gather, scatter, alltoall(v) where the last rank's count differs: the
+ * ranks that receive from it report the mismatch. */
 static int mismatch_new_ops(mc_comm_t *comm) {
   const int n = mc_comm_size(comm), me = mc_comm_rank(comm), odd = n - 1;
   const size_t mine = me == odd ? 12 : 10;
@@ -241,6 +241,17 @@ static int mismatch_new_ops(mc_comm_t *comm) {
         "%s", mc_last_error());
   if (expect_mismatch(comm, req, me == 0, "reduce int32 vs float32", "reduce"))
     return 1;
+  int32_t *all = calloc(12 * (size_t)n, sizeof *all); /* a reduce_scatter's input */
+  CHECK(mc_reduce_scatter(comm, all, out, mine, MC_INT32, MC_SUM, &req) == MC_OK, "%s",
+        mc_last_error());
+  if (expect_mismatch(comm, req, true, "reduce_scatter 10 vs 12", "reduce_scatter"))
+    return 1;
+  CHECK(mc_reduce_scatter(comm, all, out, 10, me == odd ? MC_FLOAT32 : MC_INT32, MC_SUM, &req) ==
+            MC_OK,
+        "%s", mc_last_error());
+  if (expect_mismatch(comm, req, true, "reduce_scatter int32 vs float32", "reduce_scatter"))
+    return 1;
+  free(all);
   CHECK(mc_gather(comm, in, out, mine, MC_INT32, 0, &req) == MC_OK, "%s", mc_last_error());
   if (expect_mismatch(comm, req, me == 0, "gather 10 vs 12", "gather"))
     return 1;
@@ -373,6 +384,7 @@ static int scenario_mismatch(mc_comm_t *comm, void *arg) {
     return 1;
   if (me == 0)
     printf("scenario 2 (mismatch): allreduce rd/ring count+dtype, allgather, broadcast, reduce, "
+           "reduce_scatter, "
            "gather, scatter, alltoall(v), p2p short/long all detected; communicator still works\n");
   return 0;
 }

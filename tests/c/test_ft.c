@@ -70,29 +70,39 @@ static mc_status_t sum_check(mc_comm_t *c, int lineage_rank, const int *members,
   return st;
 }
 
-/* Runs allreduces until one fails (the failure must name a dead rank), returns when. */
-static size_t loop_count = 16; /* elements per allreduce of until_failure */
+/* Runs collectives (allreduces unless loop_op says otherwise) until one fails (the failure
+ * must name a dead rank and the operation), returns when. */
+static size_t loop_count = 16; /* elements per rank of until_failure's operations */
+static mc_op_kind_t loop_op = MC_OP_ALLREDUCE;
 
 static int until_failure(mc_comm_t *c, int me, const int *victims, int nvictims, int die_at) {
-  int64_t *v = calloc(loop_count, sizeof *v);
+  const size_t all = loop_count * (size_t)mc_comm_size(c);
+  int64_t *v = calloc(all, sizeof *v), *out = calloc(all, sizeof *out);
+  const char *name = loop_op == MC_OP_ALLGATHER        ? "allgather"
+                     : loop_op == MC_OP_REDUCE_SCATTER ? "reduce_scatter"
+                                                       : "allreduce";
   for (int it = 0; it < 100000; it++) {
     v[0] = me;
     mc_request_t *req;
-    mc_status_t st = mc_allreduce(c, v, v, loop_count, MC_INT64, MC_SUM, &req);
-    CHECK(st == MC_OK, "rank %d: allreduce refused: %s", me, mc_last_error());
+    mc_status_t st = loop_op == MC_OP_ALLGATHER
+                         ? mc_allgather(c, v, out, loop_count, MC_INT64, &req)
+                     : loop_op == MC_OP_REDUCE_SCATTER
+                         ? mc_reduce_scatter(c, v, out, loop_count, MC_INT64, MC_SUM, &req)
+                         : mc_allreduce(c, v, v, loop_count, MC_INT64, MC_SUM, &req);
+    CHECK(st == MC_OK, "rank %d: %s refused: %s", me, name, mc_last_error());
     for (int v = 0; v < nvictims && it == die_at; v++)
       if (me == victims[v])
-        die_now(me); /* its allreduce is in flight on the others */
+        die_now(me); /* its operation is in flight on the others */
     st = mc_wait(req, 30000);
     if (st != MC_OK) {
       int64_t t = now_ns();
       const char *msg = mc_request_error(req);
       CHECK(st == MC_ERR_PEER_FAILED || st == MC_ERR_REVOKED, "rank %d: %s: %s", me, status(st),
             msg);
-      CHECK(strstr(msg, "failed") && strstr(msg, "allreduce"), "rank %d: message '%s'", me, msg);
+      CHECK(strstr(msg, "failed") && strstr(msg, name), "rank %d: message '%s'", me, msg);
       board()->detect_ns[me] = t - __atomic_load_n(&board()->killed_at, __ATOMIC_SEQ_CST);
       mc_request_free(req);
-      free(v);
+      free(v), free(out);
       return 0;
     }
     mc_request_free(req);
@@ -177,8 +187,9 @@ static int survivors_without(int n, const int *dead, int ndead, int *out) {
 typedef struct {
   int victims[2];
   int nvictims;
-  bool before;  /* die before the collective starts rather than while it is in flight */
-  size_t count; /* elements per allreduce (0: 16) */
+  bool before;     /* die before the collective starts rather than while it is in flight */
+  size_t count;    /* elements per rank (0: 16) */
+  mc_op_kind_t op; /* the operation the victims die in (0: allreduce) */
 } kill_args_t;
 
 static int scenario_kill(mc_comm_t *comm, void *arg) {
@@ -187,6 +198,8 @@ static int scenario_kill(mc_comm_t *comm, void *arg) {
   mc_harness_barrier("up", n);
   if (a->count)
     loop_count = a->count; /* large: rendezvous transfers are in flight when the victim dies */
+  if (a->op)
+    loop_op = a->op;
   if (warm_first && wait_standby(comm))
     return 1;
   if (a->before && me == a->victims[0])
@@ -451,7 +464,7 @@ static int bench(int size, int trials, bool cold) {
   srand(12345);
   for (int t = 0; t < trials; t++) {
     int stop = t % 2, victim = stop ? size - 1 : rand() % size;
-    kill_args_t a = {{victim}, 1, false, 0};
+    kill_args_t a = {.victims = {victim}, .nvictims = 1};
     int rc = stop ? mc_harness_run(size, scenario_stop, NULL, 60)
                   : mc_harness_run(size, scenario_kill, &a, 60);
     failed += rc != 0;
@@ -610,9 +623,15 @@ int main(int argc, char **argv) {
     fprintf(stderr, "test_ft needs 4..64 ranks\n");
     return 2;
   }
-  kill_args_t during = {{1}, 1, false, 0}, rank0 = {{0}, 1, false, 0},
-              before = {{size - 1}, 1, true, 0}, two = {{1, 2}, 2, false, 0},
-              large = {{2}, 1, false, 4 << 20};
+  kill_args_t during = {.victims = {1}, .nvictims = 1};
+  kill_args_t rank0 = {.victims = {0}, .nvictims = 1};
+  kill_args_t before = {.victims = {size - 1}, .nvictims = 1, .before = true};
+  kill_args_t two = {.victims = {1, 2}, .nvictims = 2};
+  kill_args_t large = {.victims = {2}, .nvictims = 1, .count = 4 << 20};
+  /* across hosts, rank r on host r % hosts: a leader dies, then a rank that is not one */
+  kill_args_t gather = {.victims = {1}, .nvictims = 1, .count = 1 << 16, .op = MC_OP_ALLGATHER};
+  kill_args_t scatter = {.victims = {size - 1}, .nvictims = 1, .count = 1 << 16};
+  scatter.op = MC_OP_REDUCE_SCATTER;
   struct {
     const char *name;
     mc_test_body_t body;
@@ -623,6 +642,8 @@ int main(int argc, char **argv) {
       {"kill before allreduce", scenario_kill, &before},
       {"two killed at once", scenario_kill, &two},
       {"kill during a 32 MiB allreduce", scenario_kill, &large},
+      {"kill during a 512 KiB-per-rank allgather", scenario_kill, &gather},
+      {"kill during a 512 KiB-per-rank reduce_scatter", scenario_kill, &scatter},
       {"stop (hang)", scenario_stop, NULL},
       {"coordinator dies before accept", scenario_die_in_agreement, "accept"},
       {"coordinator dies before commit", scenario_die_in_agreement, "commit"},
