@@ -296,9 +296,12 @@ static mc_comm_t *comm_new(int rank, int size, int lineage_size, const char *nam
   comm->host_of = calloc(size, sizeof *comm->host_of);
   comm->local = calloc(size, sizeof *comm->local);
   comm->leaders = calloc(size, sizeof *comm->leaders);
-  if (!comm->members || !comm->rank_of || !comm->host_of || !comm->local || !comm->leaders) {
+  comm->host_first = calloc(size + 1, sizeof *comm->host_first);
+  comm->major_pos = calloc(size, sizeof *comm->major_pos);
+  if (!comm->members || !comm->rank_of || !comm->host_of || !comm->local || !comm->leaders ||
+      !comm->host_first || !comm->major_pos) {
     free(comm->members), free(comm->rank_of), free(comm->host_of), free(comm->local);
-    free(comm->leaders), free(comm);
+    free(comm->leaders), free(comm->host_first), free(comm->major_pos), free(comm);
     return NULL;
   }
   for (int r = 0; r < lineage_size; r++)
@@ -327,11 +330,12 @@ static void comm_free(mc_comm_t *comm) {
   pthread_mutex_destroy(&comm->lock);
   pthread_mutex_destroy(&comm->progress_mu);
   free(comm->members), free(comm->rank_of), free(comm->host_of), free(comm->local);
-  free(comm->leaders), free(comm);
+  free(comm->leaders), free(comm->host_first), free(comm->major_pos), free(comm->scratch);
+  free(comm);
 }
 
 /* From host_of (any labels, the same for ranks of one host): hosts numbered in the order of
- * their lowest rank, this host's ranks, the leaders. */
+ * their lowest rank, host-major order, this host's ranks, the leaders. */
 static void set_locality(mc_comm_t *comm) {
   int *label = comm->leaders; /* scratch: host label of each host number so far */
   comm->nhosts = comm->local_ranks = 0;
@@ -342,6 +346,19 @@ static void set_locality(mc_comm_t *comm) {
     if (h == comm->nhosts)
       label[comm->nhosts++] = comm->host_of[r];
     comm->host_of[r] = h;
+  }
+  /* host-major order: host 0's ranks, then host 1's, ... (label: each host's next position) */
+  memset(comm->host_first, 0, (size_t)(comm->nhosts + 1) * sizeof *comm->host_first);
+  for (int r = 0; r < comm->size; r++)
+    comm->host_first[comm->host_of[r] + 1]++;
+  for (int h = 0; h < comm->nhosts; h++) {
+    comm->host_first[h + 1] += comm->host_first[h];
+    label[h] = comm->host_first[h];
+  }
+  comm->host_major = true;
+  for (int r = 0; r < comm->size; r++) {
+    comm->major_pos[r] = label[comm->host_of[r]]++;
+    comm->host_major &= comm->major_pos[r] == r;
   }
   for (int r = comm->size - 1; r >= 0; r--) /* lowest rank last: it stays */
     comm->leaders[comm->host_of[r]] = r;

@@ -111,6 +111,7 @@ struct mc_request {
     size_t segs, seg_elems;           /* pipeline segments, elements each */
     size_t shm_started;        /* shm stages started (reduce 0, reduce 1, broadcast 0, ...) */
     size_t reduced, exchanged; /* segments through the host's reduce / the leaders */
+    char *scratch;             /* the communicator's, for an allgather or reduce_scatter leader */
   } hier;
   int step_base; /* added to the step number on the wire (a hierarchical segment's parity) */
   bool on_shm;   /* run by the shared-memory path (backend/shm), not by steps */
@@ -156,7 +157,15 @@ struct mc_comm {
   int *host_of;
   int *local;   /* local_ranks entries */
   int *leaders; /* nhosts entries */
-  bool hier;    /* several hosts, one with several ranks: allreduce can run hierarchically */
+  /* host-major order (host 0's ranks in rank order, then host 1's, ...): the position of each
+   * host's first rank (nhosts + 1 entries) and of each rank; host_major: it is rank order */
+  int *host_first;
+  int *major_pos;
+  bool host_major;
+  bool hier; /* several hosts, one with several ranks: allreduce can run hierarchically */
+  /* a hierarchical allgather or reduce_scatter leader's scratch space (coll/hier.c), kept */
+  char *scratch;
+  size_t scratch_bytes;
   /* MC_SPIN_US, or 0 when this host's ranks outnumber the CPUs this process may use: spinning
    * then only takes the CPU away from the rank being waited for */
   int64_t spin_ns;

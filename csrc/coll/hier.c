@@ -1,8 +1,8 @@
-/* Hierarchical allreduce (barrier and broadcast at the end), for a communicator whose ranks
- * share hosts: the ranks of each host reduce into their leader (the host's lowest rank)
- * through shared memory, the leaders allreduce over the transport, and each leader broadcasts
- * the result to its host through shared memory. Each byte crosses a host boundary once per
- * leader instead of once per rank, and the ranks of one host do not talk to each other over
+/* Hierarchical allreduce (barrier, broadcast, allgather and reduce_scatter at the end), for a
+ * communicator whose ranks share hosts: the ranks of each host reduce into their leader (the host's
+ * lowest rank) through shared memory, the leaders allreduce over the transport, and each leader
+ * broadcasts the result to its host through shared memory. Each byte crosses a host boundary once
+ * per leader instead of once per rank, and the ranks of one host do not talk to each other over
  * loopback TCP.
  *
  * Pipelined when MC_HIER_SEGMENT_BYTES is set: a larger operation is cut into segments, and the
@@ -318,50 +318,39 @@ static int simple_stage(const mc_request_t *h, size_t i, bool leader) {
   return i < (size_t)n ? seq[i] : ST_END;
 }
 
-static int host_size(const mc_comm_t *comm, int host) {
-  int n = 0;
-  for (int r = 0; r < comm->size; r++)
-    n += comm->host_of[r] == host;
-  return n;
+/* Ranks on host h, and the first one's position in host-major order (comm.c set_locality). */
+static size_t host_size(const mc_comm_t *comm, int h) {
+  return (size_t)(comm->host_first[h + 1] - comm->host_first[h]);
 }
-
-/* Position of host's first rank in host-major order. */
-static size_t host_first(const mc_comm_t *comm, int host) {
-  size_t n = 0;
-  for (int r = 0; r < comm->size; r++)
-    n += comm->host_of[r] < host;
-  return n;
-}
-
-static bool ranks_host_major(const mc_comm_t *comm) {
-  for (int r = 1; r < comm->size; r++)
-    if (comm->host_of[r] < comm->host_of[r - 1])
-      return false;
-  return true;
-}
+static size_t host_first(const mc_comm_t *comm, int h) { return (size_t)comm->host_first[h]; }
 
 static size_t block_bytes(const mc_request_t *h) { return h->count * mc_dtype_size(h->dtype); }
 static size_t all_bytes(const mc_request_t *h) { return (size_t)h->comm->size * block_bytes(h); }
 
 /* A leader's blocks in host-major order: an allgather's output itself or scratch; for a
- * reduce_scatter, its host's sum (scratch, rank order) or scratch after that sum. */
+ * reduce_scatter, its host's sum (scratch, rank order) or scratch after that sum. The scratch
+ * is the communicator's, kept from one operation to the next (one runs at a time): fresh pages
+ * of a new allocation cost more to fault in than the copies into them (docs/performance.md). */
 static char *major_buf(const mc_request_t *h) {
-  bool in_place = ranks_host_major(h->comm);
+  bool in_place = h->comm->host_major;
   if (h->kind == MC_OP_ALLGATHER)
-    return in_place ? h->out : h->tmp;
-  return in_place || !h->comm->shm ? h->tmp : (char *)h->tmp + all_bytes(h);
+    return in_place ? h->out : h->hier.scratch;
+  return in_place || !h->comm->shm ? h->hier.scratch : h->hier.scratch + all_bytes(h);
 }
 
 /* A reduce_scatter leader receives the other hosts' partial sums of its host's blocks here:
- * nhosts slots of local_ranks blocks (its own slot unused). */
+ * nhosts - 1 slots of local_ranks blocks, in host order without its own host. */
+static size_t recv_slot(const mc_comm_t *comm, int g) {
+  return (size_t)(g < comm->host_of[comm->rank] ? g : g - 1) * comm->local_ranks;
+}
 static char *recv_buf(const mc_request_t *h) { return major_buf(h) + all_bytes(h); }
 
 static size_t scratch_bytes(const mc_request_t *h) {
   const mc_comm_t *comm = h->comm;
   if (h->kind == MC_OP_ALLGATHER)
-    return ranks_host_major(comm) ? 0 : all_bytes(h);
-  size_t before = ranks_host_major(comm) || !comm->shm ? 0 : all_bytes(h);
-  return before + all_bytes(h) + (size_t)comm->nhosts * comm->local_ranks * block_bytes(h);
+    return comm->host_major ? 0 : all_bytes(h);
+  size_t before = comm->host_major || !comm->shm ? 0 : all_bytes(h);
+  return before + all_bytes(h) + (size_t)(comm->nhosts - 1) * comm->local_ranks * block_bytes(h);
 }
 
 /* Copies the blocks between rank order and host-major order; `load` applies a reduce_scatter's
@@ -369,19 +358,15 @@ static size_t scratch_bytes(const mc_request_t *h) {
 static void permute(const mc_request_t *h, char *ranked, char *major, bool to_major, bool load) {
   const mc_comm_t *comm = h->comm;
   const size_t blk = block_bytes(h);
-  size_t p = 0;
-  for (int host = 0; host < comm->nhosts; host++)
-    for (int r = 0; r < comm->size; r++) {
-      if (comm->host_of[r] != host)
-        continue;
-      char *a = ranked + r * blk, *b = major + p++ * blk;
-      if (!to_major)
-        mc_copy(a, b, blk);
-      else if (load)
-        mc_load_input(h, b, a, h->count);
-      else
-        mc_copy(b, a, blk);
-    }
+  for (int r = 0; r < comm->size; r++) {
+    char *a = ranked + r * blk, *b = major + (size_t)comm->major_pos[r] * blk;
+    if (!to_major)
+      mc_copy(a, b, blk);
+    else if (load)
+      mc_load_input(h, b, a, h->count);
+    else
+      mc_copy(b, a, blk);
+  }
 }
 
 /* The shm stage before (first) or after the leaders' exchange, shaped for h's kind. */
@@ -405,7 +390,7 @@ static mc_request_t *shm_stage_new(mc_request_t *h, bool first, bool leader, int
   }
   if (kind == MC_OP_REDUCE) {
     st->count = all;
-    st->out = leader ? h->tmp : NULL; /* only the leader's is written */
+    st->out = leader ? h->hier.scratch : NULL; /* only the leader's is written */
   }
   if (kind == MC_OP_SCATTER && leader)
     st->in = major_buf(h) + mine;
@@ -430,6 +415,7 @@ static mc_request_t *exchange_new(mc_request_t *h) {
     return NULL;
   size_t *v = st->vcounts = calloc(4 * (size_t)hosts, sizeof *v);
   if (!v) {
+    st->refs = 1; /* not handed to the engine */
     mc_request_release(st);
     fail(h, MC_ERR_NOMEM, "its leaders' exchange: out of memory");
     return NULL;
@@ -444,7 +430,7 @@ static mc_request_t *exchange_new(mc_request_t *h) {
       v[2 * hosts + g] = theirs, v[3 * hosts + g] = first;
     } else { /* their host's partial sums to them; mine from each into its slot */
       v[g] = theirs, v[hosts + g] = first;
-      v[2 * hosts + g] = mine, v[3 * hosts + g] = g * mine;
+      v[2 * hosts + g] = mine, v[3 * hosts + g] = recv_slot(comm, g) * c;
     }
   }
   if (h->kind == MC_OP_REDUCE_SCATTER)
@@ -455,7 +441,7 @@ static mc_request_t *exchange_new(mc_request_t *h) {
 /* A leader's work between its host's stage and the leaders' exchange (before) or after it. */
 static void leader_local(mc_request_t *h, bool before) {
   mc_comm_t *comm = h->comm;
-  const bool alone = !comm->shm, in_place = ranks_host_major(comm);
+  const bool alone = !comm->shm, in_place = comm->host_major;
   const int hosts = comm->nhosts, me = comm->host_of[comm->rank];
   char *major = major_buf(h), *mine = major + host_first(comm, me) * block_bytes(h);
   if (h->mismatch || (h->kind != MC_OP_ALLGATHER && h->kind != MC_OP_REDUCE_SCATTER))
@@ -465,7 +451,7 @@ static void leader_local(mc_request_t *h, bool before) {
   if (h->kind == MC_OP_ALLGATHER && !before && !in_place)
     permute(h, h->out, major, false, false);
   if (h->kind == MC_OP_REDUCE_SCATTER && before && (alone || !in_place))
-    permute(h, alone ? (char *)h->in : h->tmp, major, true, alone);
+    permute(h, alone ? (char *)h->in : h->hier.scratch, major, true, alone);
   if (h->kind == MC_OP_REDUCE_SCATTER && !before) { /* mine op= each other host's */
     const size_t count = comm->local_ranks * h->count;
     const void *srcs[16] = {mine};
@@ -473,7 +459,7 @@ static void leader_local(mc_request_t *h, bool before) {
       int n = 1;
       for (; g < hosts && n < 16; g++)
         if (g != me)
-          srcs[n++] = recv_buf(h) + g * count * mc_dtype_size(h->dtype);
+          srcs[n++] = recv_buf(h) + recv_slot(comm, g) * block_bytes(h);
       if (n > 1) /* AVG and PREMUL_SUM sum here */
         mc_reduce_many(mine, srcs, n, count, h->dtype, h->redop);
     }
@@ -493,12 +479,19 @@ static bool advance_simple(mc_request_t *h) {
   bool own = h->kind == MC_OP_BROADCAST && comm->leaders[comm->host_of[h->root]] != h->root;
   if (!h->hier.segs) {
     size_t bytes = own ? (size_t)comm->nhosts * sizeof(int) : 0;
-    if (blocks && comm->leaders[host] == me)
-      bytes = scratch_bytes(h);
-    if (bytes && !(h->tmp = malloc(bytes))) {
+    if (own && !(h->tmp = malloc(bytes))) {
       fail(h, MC_ERR_NOMEM, "its set-up: out of memory");
       return true;
     }
+    if (blocks && comm->leaders[host] == me && (bytes = scratch_bytes(h)) > comm->scratch_bytes) {
+      free(comm->scratch);
+      comm->scratch_bytes = (comm->scratch = malloc(bytes)) ? bytes : 0;
+      if (!comm->scratch) {
+        fail(h, MC_ERR_NOMEM, "its set-up: out of memory for scratch space");
+        return true;
+      }
+    }
+    h->hier.scratch = comm->scratch;
     if (own) {
       memcpy(h->tmp, comm->leaders, (size_t)comm->nhosts * sizeof(int));
       ((int *)h->tmp)[comm->host_of[h->root]] = h->root;

@@ -24,7 +24,8 @@ mooncake time) follow.
 --netns N (root): the ranks run in N network namespaces (rank r in namespace r % N, or
 r * N // ranks with --netns-layout block: numbered host by host, as torchrun does) joined by
 veth links to a bridge (python/mooncake/fault/netns.py), so traffic crosses veth "hosts" instead
-of loopback. --engine PATH runs the C benchmark mc-bench (no torch) in that set-up instead.
+of loopback; --link-rate RATE limits each of their links (tc tbf). --engine PATH runs the C
+benchmark mc-bench (no torch) in that set-up instead.
 """
 
 import argparse
@@ -342,6 +343,9 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p.add_argument("--netns", type=int, default=0, metavar="N",
                    help="run the ranks in N network namespaces joined by veth links (root)")
+    p.add_argument("--link-rate", metavar="RATE",
+                   help="with --netns: limit each namespace's link to RATE each way (tc tbf, "
+                   "e.g. 2gbit), a network slower than memory as between real hosts")
     p.add_argument("--netns-layout", choices=["cyclic", "block"], default="cyclic",
                    help="rank r on namespace r %% N (cyclic) or r * N // ranks (block)")
     p.add_argument("--engine", metavar="MC_BENCH",
@@ -362,6 +366,8 @@ def main(argv=None):
         if not ok:
             p.error(f"--netns: {why}")
         lab = netns.Lab(args.netns).__enter__()
+        if args.link_rate:
+            lab.limit_rate(args.link_rate)
         env = lab.env(0)
         env["GLOO_SOCKET_IFNAME"] = netns.IFACE
         os.environ.update(env)

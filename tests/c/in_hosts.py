@@ -1,6 +1,7 @@
 """Runs a test with its ranks spread over N "hosts": network namespaces joined by veth links to
 a bridge (python/mooncake/fault/netns.py), so that ranks of one host share memory and talk to
-the others over tcp. Rank r is on host r % N (tests/c/harness.c reads MC_TEST_NETNS).
+the others over tcp. Rank r is on host r % N (tests/c/harness.c reads MC_TEST_NETNS), or on
+host r * N / size with MC_TEST_NETNS_LAYOUT=block.
 
     in_hosts.py N COMMAND [ARGS...]      (root: it makes network namespaces)
 """

@@ -245,12 +245,12 @@ static int mismatch_new_ops(mc_comm_t *comm) {
   CHECK(mc_reduce_scatter(comm, all, out, mine, MC_INT32, MC_SUM, &req) == MC_OK, "%s",
         mc_last_error());
   if (expect_mismatch(comm, req, true, "reduce_scatter 10 vs 12", "reduce_scatter"))
-    return 1;
+    return free(all), 1;
   CHECK(mc_reduce_scatter(comm, all, out, 10, me == odd ? MC_FLOAT32 : MC_INT32, MC_SUM, &req) ==
             MC_OK,
         "%s", mc_last_error());
   if (expect_mismatch(comm, req, true, "reduce_scatter int32 vs float32", "reduce_scatter"))
-    return 1;
+    return free(all), 1;
   free(all);
   CHECK(mc_gather(comm, in, out, mine, MC_INT32, 0, &req) == MC_OK, "%s", mc_last_error());
   if (expect_mismatch(comm, req, me == 0, "gather 10 vs 12", "gather"))

@@ -137,6 +137,15 @@ class Lab:
             self._faults.append(
                 lambda ns=ns, dev=dev: _tc(ns, "qdisc", "del", "dev", dev, "root", check=False))
 
+    def limit_rate(self, rate):
+        """Every host's link carries at most `rate` (tc tbf syntax, e.g. "2gbit") each way: a
+        network slower than the hosts' memory, as between real hosts (benchmarks; heal() keeps
+        it, close() drops it with the namespaces)."""
+        for r, ns in enumerate(self.ns):
+            for where, dev in ((ns, IFACE), (self.bridge, f"p{r}")):
+                _tc(where, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst",
+                    "1mb", "latency", "100ms")
+
     def heal(self):
         while self._faults:
             try:
