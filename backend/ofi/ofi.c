@@ -212,6 +212,16 @@ static mc_status_t ofi_open(const mc_transport_params_t *p, mc_transport_t **out
 
 static const char *ofi_provider(mc_transport_t *t) { return t->info->fabric_attr->prov_name; }
 
+/* tcp and shm take any size; verbs and efa have a largest message (not split: a clear error) */
+static bool too_large(mc_transport_t *t, size_t len) {
+  size_t max = t->info->ep_attr->max_msg_size;
+  if (len <= max)
+    return false;
+  snprintf(t->error, sizeof t->error, "a message of %zu bytes exceeds provider %s's largest (%zu)",
+           len, ofi_provider(t), max);
+  return true;
+}
+
 /* The address is the endpoints' names (one per stream, all the same length), the number of
  * streams (one byte) and the doorbell key, so that an endpoint opened before its rank in a
  * communicator is known (shrink's standby) is still addressable. */
@@ -377,6 +387,8 @@ static mc_status_t stripe_start(mc_transport_t *t, bool is_send, int peer, void 
                                 uint64_t tag, uint64_t data, mc_transport_ctx_t *ctx) {
   int k = t->peer_streams[peer];
   size_t chunk = ((len + k - 1) / k + 63) & ~(size_t)63; /* both ends compute the same split */
+  if (too_large(t, chunk))
+    return MC_ERR_UNSUPPORTED;
   struct stripe *s = calloc(1, sizeof *s);
   if (!s) {
     snprintf(t->error, sizeof t->error, "out of memory");
@@ -464,6 +476,8 @@ static mc_status_t ofi_send(mc_transport_t *t, int peer, const void *buf, size_t
   CTX_STRIPE(ctx) = NULL;
   if (stripes(t, peer, len, tag))
     return stripe_start(t, true, peer, (void *)buf, len, tag, data, ctx);
+  if (too_large(t, len))
+    return MC_ERR_UNSUPPORTED;
   ssize_t rc = fi_tsenddata(t->ep, buf, len, NULL, data, t->peers[peer * t->nstreams], tag, ctx);
   if (rc == -FI_EAGAIN || rc == -FI_ENOMEM) /* queue or shm entry pool full: retry later */
     return MC_ERR_TIMEOUT;
@@ -484,6 +498,8 @@ static mc_status_t ofi_recv(mc_transport_t *t, int peer, void *buf, size_t len, 
   CTX_STRIPE(ctx) = NULL;
   if (stripes(t, peer, len, tag))
     return stripe_start(t, false, peer, buf, len, tag, 0, ctx);
+  if (too_large(t, len))
+    return MC_ERR_UNSUPPORTED;
   fi_addr_t src = peer < 0 ? FI_ADDR_UNSPEC : t->peers[peer * t->nstreams];
   CTX_PEER(ctx) = (void *)(intptr_t)peer;
   ssize_t rc = fi_trecv(t->ep, buf, len, NULL, src, tag, 0, ctx);
