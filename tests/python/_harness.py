@@ -16,12 +16,14 @@ import traceback
 def _entry(fn, rank, world, store_path, args, results):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        hosts = os.environ.get("MC_TEST_NETNS")  # "<lab>:<N>": rank r on host r % N
+        # "<lab>:<N>": rank r on host r % N, or r * N // world with MC_TEST_NETNS_LAYOUT=block
+        hosts = os.environ.get("MC_TEST_NETNS")
         if hosts:
             from mooncake.bench import _enter_netns
 
             lab, n = hosts.rsplit(":", 1)
-            _enter_netns(f"{lab}-r{rank % int(n)}")
+            block = os.environ.get("MC_TEST_NETNS_LAYOUT") == "block"
+            _enter_netns(f"{lab}-r{rank * int(n) // world if block else rank % int(n)}")
         import torch
 
         torch.set_num_threads(1)  # up to 4 ranks share 2 cores

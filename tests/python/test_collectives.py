@@ -16,17 +16,20 @@ MIN_CHECKS = {"allreduce": 190, "reduce_scatter": 140, "allgather": 100, "broadc
 
 # "transport": the shared-memory path off (MC_SHM=0), so the same checks run the transport's
 # algorithms (ring, recursive doubling, trees) over tcp loopback. "hosts2": the ranks on two
-# "hosts" (network namespaces joined by veth links; rank r on host r % 2), so allreduce is
-# hierarchical (shared memory on each host, tcp between them) and the rest runs over tcp.
-@pytest.fixture(scope="module", params=[(2, ""), (4, ""), (4, "transport"), (4, "hosts2")],
-                ids=["world2", "world4", "world4-transport", "world4-hosts2"])
+# "hosts" (network namespaces joined by veth links; rank r on host r % 2), so allreduce,
+# allgather, reduce_scatter and barrier are hierarchical (shared memory on each host, tcp between
+# them) and the rest runs over tcp; "hosts2-block": ranks numbered host by host (0, 1 | 2, 3), as
+# torchrun does, where the leaders' allgather and reduce_scatter work in place.
+@pytest.fixture(scope="module",
+                params=[(2, ""), (4, ""), (4, "transport"), (4, "hosts2"), (4, "hosts2-block")],
+                ids=["world2", "world4", "world4-transport", "world4-hosts2", "world4-hosts2-block"])
 def battery(request):
     world, variant = request.param
     mp = pytest.MonkeyPatch()
     lab = None
     if variant == "transport":
         mp.setenv("MC_SHM", "0")
-    if variant == "hosts2":
+    if variant.startswith("hosts2"):
         from mooncake.fault import netns
 
         ok, why = netns.available()
@@ -35,6 +38,8 @@ def battery(request):
         for var in ("MC_OFI_IFACE", "FI_TCP_IFACE", "GLOO_SOCKET_IFNAME"):
             mp.setenv(var, netns.IFACE)
         mp.setenv("MC_TEST_NETNS", f"{lab.name}:2")
+        if variant == "hosts2-block":
+            mp.setenv("MC_TEST_NETNS_LAYOUT", "block")
     try:
         return world, run_ranks(_workers.battery, world, 300)
     finally:
