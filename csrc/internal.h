@@ -162,7 +162,7 @@ struct mc_comm {
   int *host_first;
   int *major_pos;
   bool host_major;
-  bool hier; /* several hosts, one with several ranks: allreduce can run hierarchically */
+  bool hier; /* several hosts, one with several ranks: collectives can run hierarchically */
   /* a hierarchical allgather or reduce_scatter leader's scratch space (coll/hier.c), kept */
   char *scratch;
   size_t scratch_bytes;
